@@ -1,0 +1,142 @@
+"""The joblib backend ``'cluster'``: a thin ``ParallelBackendBase`` adapter over ``Client``."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from joblib import register_parallel_backend
+from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+
+from ..protocol.serialize import dumps
+from .client import Client, current_client
+from .errors import NoWorkersError
+
+_shared_clients: dict[tuple, Client] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_client(address: str | None, secret: Any) -> Client:
+    """One Client per (address, secret) for ``scheduler=`` given as an address, and one
+    embedded local cluster when there is no address and no current Client.  They live
+    until the interpreter exits, so successive ``parallel_config`` blocks reuse them."""
+    key = (address, secret)
+    with _shared_lock:
+        client = _shared_clients.get(key)
+        if client is None or client.closed:
+            client = _shared_clients[key] = Client(address, secret=secret, set_as_current=address is not None)
+        return client
+
+
+def _func_name(batch: Any) -> str:
+    items = getattr(batch, "items", None)
+    func = items[0][0] if items else batch
+    func = getattr(func, "function", func)  # scikit-learn's delayed wraps the function
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or type(func).__name__
+
+
+class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
+    """Runs joblib batches on a jobsched cluster.
+
+    Parameters (through ``parallel_config(backend="cluster", ...)``):
+    ``scheduler``: an address or a ``Client`` (default: the current Client, else an
+    embedded local cluster); ``secret``: the shared secret for an address;
+    ``wait_for_workers_timeout``: seconds to wait for a first worker before failing.
+    """
+
+    supports_retrieve_callback = True
+    supports_inner_max_num_threads = True
+    default_n_jobs = -1
+    # Our round trip is far cheaper than a process pool's, so smaller batches pay off.
+    MIN_IDEAL_BATCH_DURATION = 0.05
+    MAX_IDEAL_BATCH_DURATION = 1.0
+
+    def __init__(
+        self,
+        scheduler: "str | Client | None" = None,
+        secret: str | bytes | None = None,
+        wait_for_workers_timeout: float = 60.0,
+        nesting_level: int | None = None,
+        inner_max_num_threads: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **kwargs)
+        self.scheduler = scheduler
+        self.secret = secret
+        self.wait_for_workers_timeout = wait_for_workers_timeout
+        self.client: Client | None = None
+        self._call_id = 0
+        self._max_running = 0
+
+    # ----------------------------------------------------------- joblib API
+    def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None, require: Any = None, **kwargs: Any) -> int:
+        self.parallel = parallel
+        self.client = self._resolve_client()
+        self.client.ensure_connected()
+        n_jobs = self.effective_n_jobs(n_jobs)
+        self._max_running = n_jobs if parallel is not None and parallel.n_jobs is not None and parallel.n_jobs > 0 else 0
+        return n_jobs
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            n_jobs = self.default_n_jobs
+        if n_jobs > 0:
+            return n_jobs
+        client = self.client or self._resolve_client()
+        return max(self._wait_for_slots(client) + 1 + n_jobs, 1)
+
+    def start_call(self) -> None:
+        assert self.client is not None
+        self._call_id = self.client.new_call_id()
+
+    def submit(self, func: Callable, callback: Callable | None = None) -> Future:
+        assert self.client is not None
+        future = self.client.submit_batch(
+            dumps(func), call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running
+        )
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def retrieve_result_callback(self, future: Future) -> Any:
+        return future.result()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        if self.client is not None and self._call_id:
+            self.client.cancel_call(self._call_id)
+            self._call_id = self.client.new_call_id()
+
+    def stop_call(self) -> None:
+        # a generator dropped mid-way leaves batches behind: cancel whatever is still out
+        if self.client is not None and self._call_id and not self.client.closed:
+            self.client.cancel_call(self._call_id)
+
+    def terminate(self) -> None:
+        self.reset_batch_stats()
+
+    # ------------------------------------------------------------ internals
+    def _resolve_client(self) -> Client:
+        if isinstance(self.scheduler, Client):
+            if self.scheduler.closed:
+                raise ValueError("the Client given as scheduler= is closed")
+            return self.scheduler
+        if self.scheduler is not None:
+            return _shared_client(str(self.scheduler), self.secret)
+        return current_client() or _shared_client(None, None)
+
+    def _wait_for_slots(self, client: Client) -> int:
+        try:
+            client.wait_for_workers(1, timeout=self.wait_for_workers_timeout)
+        except TimeoutError:
+            raise NoWorkersError(
+                f"no worker joined the scheduler at {client.address} within {self.wait_for_workers_timeout:.0f} s; "
+                "start one with: jobsched-worker " + str(client.address)
+            ) from None
+        return client.total_slots()
+
+
+def register() -> None:
+    register_parallel_backend("cluster", ClusterBackend)

@@ -1,0 +1,339 @@
+"""``Client``: a synchronous handle on a scheduler, over an asyncio loop in a background thread.
+
+Threads: the caller's thread pickles batches and queues them; the loop thread
+does all socket I/O; a callback thread unpickles results and completes the
+futures (so joblib's callbacks, which pickle and submit the next batch, never
+block socket I/O).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from typing import Any
+
+from ..protocol import HandshakeError, Role
+from ..protocol import messages as m
+from ..protocol.address import parse_address, read_scheduler_file
+from ..protocol.aio import Connection, new_event_loop, open_connection
+from ..protocol.secret import load_secret
+from ..protocol.serialize import load_exception, loads
+from .errors import ClusterError, NoWorkersError, SchedulerUnreachableError, WorkerLostError
+from .local_cluster import LocalCluster
+
+log = logging.getLogger("jobsched.client")
+
+_open_clients: list["weakref.ref[Client]"] = []
+_open_lock = threading.Lock()
+
+
+def current_client() -> "Client | None":
+    """The most recently created Client that is still open, if any."""
+    with _open_lock:
+        for ref in reversed(_open_clients):
+            client = ref()
+            if client is not None and not client.closed:
+                return client
+    return None
+
+
+class Client:
+    """Connects to a scheduler; with no address, starts and owns an embedded ``LocalCluster``.
+
+    ``Client("tcp://host:8686")``, ``Client(scheduler_file=path)``, or ``Client()`` for a
+    local cluster of ``n_workers`` worker processes (default: one per core).
+    """
+
+    def __init__(
+        self,
+        address: "str | LocalCluster | None" = None,
+        *,
+        secret: str | bytes | None = None,
+        secret_file: str | None = None,
+        timeout: float = 30.0,
+        scheduler_file: str | None = None,
+        n_workers: int | None = None,
+        threads_per_worker: int = 1,
+        name: str = "",
+        set_as_current: bool = True,
+    ) -> None:
+        self.cluster: LocalCluster | None = None
+        self._owns_cluster = False
+        self.closed = False
+        self.timeout = timeout
+        if address is None and scheduler_file is not None:
+            address = read_scheduler_file(scheduler_file)
+        if address is None:
+            self.cluster = LocalCluster(n_workers, threads_per_worker)
+            self._owns_cluster = True
+        elif isinstance(address, LocalCluster):
+            self.cluster = address
+        if self.cluster is not None:
+            address, secret = self.cluster.address, self.cluster.secret
+        self.address = parse_address(address)  # type: ignore[arg-type]
+        if self.address.scheme == "tls":
+            raise ValueError("tls:// addresses are not supported yet")
+        self.secret = load_secret(secret_file, secret)
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+
+        self._batch_ids = itertools.count(1)
+        self._call_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._pending: dict[int, tuple[Future, int]] = {}  # batch_id -> (future, call_id)
+        self._requests: dict[int, Future] = {}
+        self._outbox: list[m.Message] = []
+        self._outbox_lock = threading.Lock()
+        self._wakeup_scheduled = False
+        self._conn: Connection | None = None
+        self._results: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+
+        self._loop = new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="jobsched-client-io", daemon=True)
+        self._loop_thread.start()
+        self._callback_thread = threading.Thread(target=self._run_callbacks, name="jobsched-callbacks", daemon=True)
+        self._callback_thread.start()
+        try:
+            self._connect()
+            if self.cluster is not None and self.cluster.n_workers:
+                self.wait_for_workers(self.cluster.n_workers, timeout=max(timeout, 60.0))
+        except BaseException:
+            self.close()
+            raise
+        if set_as_current:
+            with _open_lock:
+                _open_clients.append(weakref.ref(self))
+
+    # ------------------------------------------------------------ connection
+    def _connect(self) -> None:
+        future = asyncio.run_coroutine_threadsafe(self._open(), self._loop)
+        try:
+            future.result(self.timeout + 1)
+        except HandshakeError:
+            raise
+        except (OSError, asyncio.TimeoutError, TimeoutError, ConnectionError) as exc:
+            future.cancel()
+            raise SchedulerUnreachableError(f"cannot reach the scheduler at {self.address}: {exc or 'timed out'}") from None
+
+    async def _open(self) -> None:
+        conn = await open_connection(self.address.host, self.address.port, Role.CLIENT, self.secret, timeout=self.timeout)
+        welcomed = self._loop.create_future()
+
+        def on_message(_c: Connection, message: m.Message) -> None:
+            kind = type(message)
+            if kind is m.BatchDone:
+                self._results.put(message)
+            elif kind is m.InfoReply:
+                request = self._requests.pop(message.request_id, None)  # type: ignore[attr-defined]
+                if request is not None:
+                    request.set_result(message.info)  # type: ignore[attr-defined]
+            elif kind is m.Welcome:
+                if not welcomed.done():
+                    welcomed.set_result(message)
+            elif kind is m.Closing:
+                conn.close(message.reason)  # type: ignore[attr-defined]
+            else:
+                conn.abort(f"unexpected {message.op!r} from the scheduler")
+
+        def on_close(_c: Connection, reason: str) -> None:
+            if not welcomed.done():
+                welcomed.set_exception(ConnectionError(reason))
+            self._results.put(("lost", conn, reason))
+
+        conn.set_handlers(on_message, on_close)
+        conn.send(m.RegisterClient(self.name, os.getpid(), socket.gethostname()))
+        await asyncio.wait_for(welcomed, self.timeout)
+        self._conn = conn
+        self._flush_outbox()
+
+    def ensure_connected(self) -> None:
+        """Reconnect if the scheduler connection was lost (e.g. the scheduler restarted)."""
+        self._check_open()
+        if self._conn is None or self._conn.closed:
+            self._connect()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClusterError("this Client is closed")
+
+    # --------------------------------------------------------------- sending
+    def _send(self, message: m.Message) -> None:
+        """Queue a message from any thread; the loop thread writes queued messages in bulk."""
+        with self._outbox_lock:
+            self._outbox.append(message)
+            if self._wakeup_scheduled:
+                return
+            self._wakeup_scheduled = True
+        self._loop.call_soon_threadsafe(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        with self._outbox_lock:
+            messages, self._outbox = self._outbox, []
+            self._wakeup_scheduled = False
+        conn = self._conn
+        if conn is None or conn.closed:
+            # the connection-lost path fails what was pending; fail what was queued after it
+            for message in messages:
+                if type(message) is m.SubmitBatch:
+                    error = f"not connected to the scheduler at {self.address}"
+                    self._results.put(m.BatchDone(message.batch_id, m.FAILED, "", error))
+            return
+        for message in messages:
+            conn.send(message)
+
+    def submit_batch(self, frames: list, *, call_id: int, func_name: str, max_running: int = 0) -> Future:
+        """Send a pickled batch; the returned future resolves to its result (or exception)."""
+        future: Future = Future()
+        batch_id = next(self._batch_ids)
+        conn = self._conn
+        if conn is None or conn.closed:
+            future.set_exception(SchedulerUnreachableError(f"not connected to the scheduler at {self.address}"))
+            return future
+        self._pending[batch_id] = (future, call_id)
+        self._send(m.SubmitBatch(batch_id, call_id, func_name[:200], max_running, tuple(frames)))
+        return future
+
+    def new_call_id(self) -> int:
+        return next(self._call_ids)
+
+    def cancel_call(self, call_id: int) -> None:
+        """Drop a call's queued batches and cancel its running ones; their futures are forgotten."""
+        for batch_id in [b for b, (_, c) in list(self._pending.items()) if c == call_id]:
+            self._pending.pop(batch_id, None)
+        if self._conn is not None and not self._conn.closed:
+            self._send(m.CancelCall(call_id))
+
+    # -------------------------------------------------------------- receiving
+    def _run_callbacks(self) -> None:
+        while True:
+            item = self._results.get()
+            if item is None:
+                return
+            try:
+                if type(item) is m.BatchDone:
+                    self._deliver(item)
+                else:
+                    self._fail_all(item[1], item[2])
+            except Exception:  # a failing callback must not stop result delivery
+                log.exception("error delivering a batch result")
+
+    def _deliver(self, message: m.BatchDone) -> None:
+        entry = self._pending.pop(message.batch_id, None)
+        if entry is None:
+            return  # cancelled call
+        future = entry[0]
+        status = message.status
+        try:
+            if status == m.OK:
+                future.set_result(loads(message.frames))
+                return
+            if status == m.ERROR:
+                error: BaseException = load_exception(message.frames)
+            elif status == m.LOST:
+                error = WorkerLostError(message.error)
+            elif status == m.NO_WORKERS:
+                error = NoWorkersError(message.error)
+            elif status == m.FAILED and message.error.startswith("not connected"):
+                error = SchedulerUnreachableError(message.error)
+            else:
+                error = ClusterError(message.error or f"batch failed with status {status!r}")
+        except Exception as exc:  # e.g. the result's class cannot be unpickled here
+            error = exc
+        future.set_exception(error)
+
+    def _fail_all(self, conn: Connection, reason: str) -> None:
+        if conn is not self._conn:
+            return
+        self._conn = None
+        if self.closed:
+            return
+        log.warning("lost the scheduler at %s: %s", self.address, reason)
+        pending, self._pending = self._pending, {}
+        for future, _ in pending.values():
+            future.set_exception(SchedulerUnreachableError(f"lost the scheduler at {self.address}: {reason}"))
+
+    # ------------------------------------------------------------ information
+    def scheduler_info(self) -> dict:
+        """The scheduler's view: ``address``, ``workers`` (by address: name, nthreads, running, ...)."""
+        self._check_open()
+        future: Future = Future()
+        request_id = next(self._request_ids)
+
+        def register() -> None:
+            self._requests[request_id] = future
+            if self._conn is None or self._conn.closed:
+                self._requests.pop(request_id, None)
+                future.set_exception(SchedulerUnreachableError(f"not connected to the scheduler at {self.address}"))
+            else:
+                self._conn.send(m.InfoRequest(request_id))
+
+        self._loop.call_soon_threadsafe(register)
+        try:
+            return future.result(self.timeout)
+        except TimeoutError:
+            raise SchedulerUnreachableError(f"the scheduler at {self.address} did not answer within {self.timeout} s") from None
+
+    def total_slots(self) -> int:
+        return sum(w["nthreads"] for w in self.scheduler_info()["workers"].values())
+
+    def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> None:
+        """Block until at least ``n`` workers are connected; TimeoutError after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            count = len(self.scheduler_info()["workers"])
+            if count >= n:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"only {count} of {n} workers joined the scheduler at {self.address} within {timeout} s")
+            time.sleep(0.05)
+
+    # ---------------------------------------------------------------- closing
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+
+        def shutdown() -> None:
+            if self._conn is not None:
+                self._conn.close("client closed")
+
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(shutdown)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(5)
+        self._results.put(None)
+        for future, _ in self._pending.values():
+            if not future.done():
+                future.set_exception(ClusterError("the Client was closed"))
+        self._pending = {}
+        if self._owns_cluster and self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<jobsched.Client {self.address} {state}>"
+
+
+def _close_all() -> None:
+    with _open_lock:
+        clients = [ref() for ref in _open_clients]
+    for client in clients:
+        if client is not None:
+            client.close()
+
+
+atexit.register(_close_all)

@@ -1,0 +1,24 @@
+"""Errors a user of the client sees (besides the tasks' own exceptions)."""
+
+from __future__ import annotations
+
+from ..protocol.serialize import RemoteError
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not run a batch; the message says why."""
+
+
+class WorkerLostError(ClusterError):
+    """The workers running a batch died too many times (see ``--allowed-failures``)."""
+
+
+class NoWorkersError(ClusterError):
+    """No worker joined the scheduler in time."""
+
+
+class SchedulerUnreachableError(ClusterError, ConnectionError):
+    """The scheduler cannot be reached, or the connection to it was lost."""
+
+
+__all__ = ["ClusterError", "WorkerLostError", "NoWorkersError", "SchedulerUnreachableError", "RemoteError"]

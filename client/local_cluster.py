@@ -1,0 +1,139 @@
+"""``LocalCluster``: a real scheduler and worker daemons as subprocesses on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from ..protocol.address import read_scheduler_file
+
+# Thread pools of numerical libraries: limited per worker so that workers x threads <= cores.
+THREAD_LIMIT_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class LocalCluster:
+    """A scheduler and ``n_workers`` worker daemons on loopback, owned by this process.
+
+    ``n_workers`` defaults to the number of cores, each worker with
+    ``threads_per_worker`` threads.  The daemons authenticate with a fresh
+    random secret, so other users of the machine cannot submit work to them,
+    and they exit on their own if this process dies.
+    """
+
+    def __init__(
+        self,
+        n_workers: int | None = None,
+        threads_per_worker: int = 1,
+        *,
+        startup_timeout: float = 60.0,
+        log_level: str = "WARNING",
+    ) -> None:
+        if n_workers is not None and n_workers < 0:
+            raise ValueError(f"n_workers must be >= 0, got {n_workers}")
+        if threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
+        self.n_workers = available_cores() if n_workers is None else n_workers
+        self.threads_per_worker = threads_per_worker
+        self.secret = secrets.token_hex(32)
+        self.log_level = log_level
+        self._dir = tempfile.mkdtemp(prefix="jobsched-")
+        self.processes: list[subprocess.Popen] = []
+        self.address = ""
+        try:
+            self._start_scheduler(startup_timeout)
+            for _ in range(self.n_workers):
+                self.add_worker()
+        except BaseException:
+            self.close()
+            raise
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["JOBSCHED_SECRET"] = self.secret
+        env["JOBSCHED_PARENT_PID"] = str(os.getpid())
+        env.pop("JOBSCHED_SECRET_FILE", None)
+        return env
+
+    def _spawn(self, module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args, "--log-level", self.log_level],
+            env=env or self._env(),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: close() ends it and its children
+        )
+        self.processes.append(proc)
+        return proc
+
+    def _start_scheduler(self, timeout: float) -> None:
+        path = os.path.join(self._dir, "scheduler.json")
+        proc = self._spawn("jobsched.scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", path)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the local scheduler exited at start with status {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the local scheduler did not start within {timeout:.0f} s")
+            time.sleep(0.02)
+        self.address = read_scheduler_file(path)
+
+    def add_worker(self) -> subprocess.Popen:
+        """Start one more worker daemon; returns its process."""
+        env = self._env()
+        threads = max(available_cores() // max(self.n_workers, 1), 1) * self.threads_per_worker
+        for var in THREAD_LIMIT_VARS:
+            env.setdefault(var, str(threads))
+        index = len(self.processes) - 1  # processes[0] is the scheduler
+        return self._spawn(
+            "jobsched.worker", self.address, "--nthreads", str(self.threads_per_worker),
+            "--name", f"local-{os.getpid()}-{index}", "--death-timeout", "10", env=env,
+        )
+
+    @property
+    def worker_processes(self) -> list[subprocess.Popen]:
+        return self.processes[1:]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End every daemon (SIGTERM, then SIGKILL after ``timeout``) and remove the temp dir."""
+        for proc in reversed(self.processes):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.processes:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.processes = []
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalCluster({self.address!r}, workers={self.n_workers}, threads_per_worker={self.threads_per_worker})"
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,23 @@
+"""jobsched wire protocol: framing, messages, handshake (sans-IO), plus asyncio glue in ``aio``."""
+
+from .address import DEFAULT_PORT, Address, is_loopback_host, parse_address
+from .errors import (
+    AuthenticationError,
+    FrameTooLarge,
+    HandshakeError,
+    MalformedMessage,
+    ProtocolError,
+    VersionMismatch,
+)
+from .framing import PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, encode_frame
+from .handshake import AcceptorHandshake, InitiatorHandshake, Role
+from .messages import PROTOCOL_VERSION, Message, decode, encode
+
+__all__ = [
+    "DEFAULT_PORT", "Address", "is_loopback_host", "parse_address",
+    "AuthenticationError", "FrameTooLarge", "HandshakeError", "MalformedMessage",
+    "ProtocolError", "VersionMismatch",
+    "PREAUTH_LIMITS", "Frame", "FrameDecoder", "FrameLimits", "encode_frame",
+    "AcceptorHandshake", "InitiatorHandshake", "Role",
+    "PROTOCOL_VERSION", "Message", "decode", "encode",
+]

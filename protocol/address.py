@@ -1,0 +1,88 @@
+"""Addresses: ``tcp://host:port``, ``tls://host:port`` or ``host:port``."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+DEFAULT_PORT = 8686
+SCHEMES = ("tcp", "tls")
+
+
+@dataclass(frozen=True)
+class Address:
+    scheme: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
+    """Parse an address; raises ValueError with a message naming what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"invalid scheduler address {text!r}: expected tcp://host:port")
+    rest = text.strip()
+    scheme = "tcp"
+    if "://" in rest:
+        scheme, rest = rest.split("://", 1)
+        scheme = scheme.lower()
+        if scheme not in SCHEMES:
+            raise ValueError(f"invalid address {text!r}: scheme must be one of {', '.join(SCHEMES)}")
+    rest = rest.rstrip("/")
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        if not sep:
+            raise ValueError(f"invalid address {text!r}: unclosed '['")
+        port_text = tail[1:] if tail.startswith(":") else ""
+        if tail and not tail.startswith(":"):
+            raise ValueError(f"invalid address {text!r}")
+    elif rest.count(":") == 1:
+        host, port_text = rest.split(":")
+    else:
+        host, port_text = rest, ""
+    if not host:
+        raise ValueError(f"invalid address {text!r}: no host")
+    if port_text:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"invalid address {text!r}: port must be a number from 0 to 65535")
+        port = int(port_text)
+    else:
+        port = default_port
+    return Address(scheme, host, port)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def write_scheduler_file(path: str, address: str) -> None:
+    """Write ``{"address": ...}`` atomically: readers never see a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".jobsched-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"address": address, "pid": os.getpid()}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_scheduler_file(path: str) -> str:
+    with open(path) as f:
+        return json.load(f)["address"]

@@ -1,0 +1,307 @@
+"""asyncio glue shared by the daemons and the client: frames and handshake over TCP.
+
+This is the only I/O in the protocol package; it pumps bytes through the sans-IO
+pieces (``FrameDecoder``, the handshake machines, ``decode``) and hands decoded
+messages to a callback.  A peer that breaks the protocol has its one connection
+closed with a logged reason; nothing propagates to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl as ssl_module
+from typing import Any, Callable, Iterable
+
+from .errors import HandshakeError, ProtocolError
+from .framing import PREAUTH_LIMITS, FrameDecoder, FrameLimits, encode_frame
+from .handshake import AcceptorHandshake, InitiatorHandshake, Role
+from .messages import PROTOCOL_VERSION, Message, decode, encode
+
+log = logging.getLogger("jobsched.protocol")
+
+HANDSHAKE_TIMEOUT = 10.0
+MessageHandler = Callable[["Connection", Message], None]
+CloseHandler = Callable[["Connection", str], None]
+
+
+class Connection(asyncio.Protocol):
+    """One framed, authenticated connection.  Use ``send``; receive via ``on_message``."""
+
+    def __init__(self, handshake: InitiatorHandshake | AcceptorHandshake, limits: FrameLimits) -> None:
+        self.handshake = handshake
+        self.limits = limits
+        self.decoder = FrameDecoder(PREAUTH_LIMITS)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.on_message: MessageHandler | None = None
+        self.on_close: CloseHandler | None = None
+        self.authenticated: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.close_reason = ""
+        self._outbox: list[Any] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._early: list[Message] = []  # messages that arrived before handlers were set
+        self.refuse_reason = ""  # set before connection_made to refuse at once
+
+    # ------------------------------------------------------------- transport side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peername = transport.get_extra_info("peername")
+        self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if self.refuse_reason:
+            log.warning("refusing %s: %s", self.peer, self.refuse_reason)
+            self.abort(self.refuse_reason)
+            return
+        self._deadline = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
+        if isinstance(self.handshake, InitiatorHandshake):
+            self._write_raw(encode_frame(self.handshake.hello()))
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            frames = self.decoder.feed(data)
+            for frame in frames:
+                if self.closed:
+                    return
+                if not self.handshake.done:
+                    self._handshake_frame(frame.body)
+                    continue
+                message = decode(frame)
+                handler = self.on_message
+                if handler is None:
+                    self._early.append(message)
+                else:
+                    handler(self, message)
+        except ProtocolError as exc:
+            self.abort(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug handling one peer must not take the daemon down
+            log.exception("error handling a message from %s", self.peer)
+            self.abort(f"internal error: {exc!r}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection closed by peer")
+        self._mark_closed(reason)
+        if not self.authenticated.done():
+            self.authenticated.set_exception(ConnectionError(reason))
+            self.authenticated.exception()  # mark retrieved: the opener may have given up
+        handler = self.on_close
+        if handler is not None:
+            self.on_close = None
+            handler(self, reason)
+
+    def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler) -> None:
+        """Install the receivers; messages that arrived before are delivered now."""
+        self.on_message = on_message
+        early, self._early = self._early, []
+        for message in early:
+            on_message(self, message)
+        if self.closed:
+            on_close(self, self.close_reason or "connection closed")
+        else:
+            self.on_close = on_close
+
+    def pause_writing(self) -> None:  # flow control is left to the transport's buffer
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # ---------------------------------------------------------------- handshake
+    def _handshake_frame(self, body: bytes) -> None:
+        hs = self.handshake
+        if isinstance(hs, AcceptorHandshake):
+            reply = hs.receive(body)
+            self._write_raw(encode_frame(reply))
+            if hs.failure is not None:
+                log.warning("refused %s: %s", self.peer, hs.failure)
+                self.close(f"handshake failed: {hs.failure}")
+                return
+        else:
+            try:
+                reply = hs.receive(body)
+            except HandshakeError as exc:
+                if getattr(hs, "abort_frame", None):
+                    self._write_raw(encode_frame(hs.abort_frame))
+                self._fail_handshake(exc)
+                return
+            if reply is not None:
+                self._write_raw(encode_frame(reply))
+        if hs.done:
+            self.decoder.limits = self.limits
+            if self._deadline is not None:
+                self._deadline.cancel()
+            if not self.authenticated.done():
+                self.authenticated.set_result(None)
+
+    def _fail_handshake(self, exc: HandshakeError) -> None:
+        if not self.authenticated.done():
+            self.authenticated.set_exception(exc)
+        self.close(f"handshake failed: {exc}")
+
+    def _handshake_timed_out(self) -> None:
+        if not self.handshake.done and not self.closed:
+            log.warning("closing %s: no handshake within %.0f s", self.peer, HANDSHAKE_TIMEOUT)
+            self._fail_handshake(HandshakeError(f"handshake not completed within {HANDSHAKE_TIMEOUT:.0f} s"))
+
+    # ------------------------------------------------------------------ sending
+    def send(self, message: Message) -> None:
+        """Queue a message; queued messages are written together once per loop turn."""
+        if self.closed:
+            return
+        self._outbox.extend(encode(message))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._outbox and not self.closed and self.transport is not None:
+            pieces, self._outbox = self._outbox, []
+            self.transport.writelines(pieces)
+
+    def _write_raw(self, pieces: Iterable[Any]) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(list(pieces))
+
+    def close(self, reason: str = "closed") -> None:
+        """Flush what is queued, then close."""
+        if self.closed:
+            return
+        self._flush()
+        self.close_reason = reason
+        if self.transport is not None:
+            self.transport.close()
+        self._mark_closed(reason)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (protocol violation)."""
+        if self.closed:
+            return
+        log.warning("closing connection from %s: %s", self.peer, reason)
+        self.close_reason = reason
+        if self.transport is not None:
+            self.transport.abort()
+        self._mark_closed(reason)
+
+    def _mark_closed(self, reason: str) -> None:
+        self.closed = True
+        self._outbox = []
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    role: Role,
+    secret: bytes | None,
+    *,
+    ssl: ssl_module.SSLContext | None = None,
+    timeout: float = HANDSHAKE_TIMEOUT,
+    limits: FrameLimits = FrameLimits(),
+    peer_name: str = "scheduler",
+) -> Connection:
+    """Connect and complete the handshake; raises HandshakeError or OSError naming the cause."""
+    loop = asyncio.get_running_loop()
+    handshake = InitiatorHandshake(role, secret, PROTOCOL_VERSION, peer_name)
+
+    async def connect() -> Connection:
+        _, conn = await loop.create_connection(lambda: Connection(handshake, limits), host, port, ssl=ssl)
+        await conn.authenticated
+        return conn
+
+    return await asyncio.wait_for(connect(), timeout)
+
+
+async def start_server(
+    host: str,
+    port: int,
+    secret: bytes | None,
+    accept_roles: frozenset[Role],
+    on_connection: Callable[[Connection], None],
+    *,
+    ssl: ssl_module.SSLContext | None = None,
+    limits: FrameLimits = FrameLimits(),
+    max_unauthenticated: int = 256,
+) -> asyncio.AbstractServer:
+    """Listen; each connection that completes the handshake is passed to ``on_connection``."""
+    loop = asyncio.get_running_loop()
+    pending: set[Connection] = set()
+
+    def factory() -> Connection:
+        conn = Connection(AcceptorHandshake(secret, PROTOCOL_VERSION, accept_roles), limits)
+        if len(pending) >= max_unauthenticated:
+            conn.refuse_reason = "too many unauthenticated connections"
+            return conn
+        pending.add(conn)
+
+        def settled(fut: asyncio.Future[None]) -> None:
+            pending.discard(conn)
+            if not fut.cancelled() and fut.exception() is None:
+                on_connection(conn)
+
+        conn.authenticated.add_done_callback(settled)
+        return conn
+
+    return await loop.create_server(factory, host, port, ssl=ssl, reuse_address=True)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed, else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_daemon(main: Callable[[asyncio.Event], Any]) -> int:
+    """Run ``main(stop_event)`` on a fresh loop; SIGINT/SIGTERM set the event.
+
+    Returns main's integer result (the exit status), 0 when it returns None.
+    """
+    import signal
+
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.environ.get("JOBSCHED_PARENT_PID")
+    watcher = loop.create_task(_stop_when_orphaned(int(parent), stop)) if parent and parent.isdigit() else None
+    try:
+        result = loop.run_until_complete(main(stop))
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            loop.run_until_complete(asyncio.gather(watcher, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return int(result or 0)
+
+
+async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+    """Daemons started by a LocalCluster end when the process that started them is gone."""
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            log.warning("parent process %d is gone; shutting down", parent_pid)
+            stop.set()
+            return
+        await asyncio.sleep(0.5)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

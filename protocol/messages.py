@@ -1,0 +1,223 @@
+"""Message types: frozen dataclasses with an ``op`` registry, encoded to msgpack.
+
+A message travels as one frame: the msgpack body is ``[op, field1, field2, ...]``
+in declaration order, and a message's ``frames`` (opaque byte payloads such as
+pickled batches and their out-of-band buffers) travel as the frame's buffers, so
+the scheduler relays them without copying or unpickling.  Decoding validates the
+op and every field's type; anything else is a :class:`MalformedMessage`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Callable, ClassVar, Sequence
+
+import msgpack
+
+from .errors import MalformedMessage
+from .framing import Buffer, Frame, encode_frame
+
+PROTOCOL_VERSION = 1
+
+# Batch/task outcomes carried by BatchDone and TaskDone.
+OK = "ok"  # frames: the pickled result
+ERROR = "error"  # frames: the pickled exception raised by user code
+LOST = "lost"  # workers died running it too often; text in ``error``
+NO_WORKERS = "no-workers"  # no worker was connected for too long; text in ``error``
+FAILED = "failed"  # the cluster could not run it for another reason; text in ``error``
+CANCELLED = "cancelled"  # worker -> scheduler only: the batch was cancelled, its slot is free
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """Base of all messages.  A message with a payload declares ``frames`` last."""
+
+    op: ClassVar[str] = ""
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+_FIELDS: dict[type[Message], tuple[tuple[str, Callable[[Any], bool]], ...]] = {}
+
+
+def _checker(tp: Any) -> Callable[[Any], bool]:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        options = [_checker(a) for a in typing.get_args(tp)]
+        return lambda v: any(check(v) for check in options)
+    if tp is type(None):
+        return lambda v: v is None
+    if tp is int:
+        return lambda v: type(v) is int
+    if tp is float:
+        return lambda v: type(v) in (float, int)
+    if tp in (str, bytes, bool, dict):
+        return lambda v: type(v) is tp
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        check_item = _checker(item)
+        return lambda v: type(v) is list and all(check_item(x) for x in v)
+    if origin is dict:
+        return lambda v: type(v) is dict
+    raise TypeError(f"unsupported message field type {tp!r}")
+
+
+def message(op: str) -> Callable[[type], type]:
+    """Class decorator: make a frozen message dataclass and register it under ``op``."""
+
+    def register(cls: type) -> type:
+        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        if op in _REGISTRY:
+            raise ValueError(f"duplicate op {op!r}")
+        cls.op = op
+        hints = typing.get_type_hints(cls)
+        _FIELDS[cls] = tuple(
+            (f.name, _checker(hints[f.name])) for f in dataclasses.fields(cls) if f.name != "frames"
+        )
+        _REGISTRY[op] = cls
+        return cls
+
+    return register
+
+
+def encode(msg: Message) -> list[Buffer]:
+    """Encode a message into the pieces of one frame."""
+    fields = _FIELDS[type(msg)]
+    body = msgpack.packb([msg.op, *(getattr(msg, name) for name, _ in fields)], use_bin_type=True)
+    return encode_frame(body, getattr(msg, "frames", ()))
+
+
+def decode(frame: Frame) -> Message:
+    """Decode and validate one frame; raises MalformedMessage on anything unexpected."""
+    try:
+        items = msgpack.unpackb(frame.body, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MalformedMessage(f"undecodable msgpack body: {exc}") from None
+    if type(items) is not list or not items or type(items[0]) is not str:
+        raise MalformedMessage("message body is not [op, ...]")
+    cls = _REGISTRY.get(items[0])
+    if cls is None:
+        raise MalformedMessage(f"unknown op {items[0][:40]!r}")
+    fields = _FIELDS[cls]
+    if len(items) != len(fields) + 1:
+        raise MalformedMessage(f"{cls.op}: expected {len(fields)} fields, got {len(items) - 1}")
+    for (name, check), value in zip(fields, items[1:]):
+        if not check(value):
+            raise MalformedMessage(f"{cls.op}: field {name!r} has invalid type {type(value).__name__}")
+    if "frames" in cls.__dataclass_fields__:
+        return cls(*items[1:], frames=frame.buffers)
+    if frame.buffers:
+        raise MalformedMessage(f"{cls.op}: carries no buffers")
+    return cls(*items[1:])
+
+
+def registry() -> dict[str, type[Message]]:
+    return dict(_REGISTRY)
+
+
+# ---------------------------------------------------------------- registration
+
+
+@message("register-client")
+class RegisterClient(Message):
+    name: str = ""
+    pid: int = 0
+    host: str = ""
+
+
+@message("register-worker")
+class RegisterWorker(Message):
+    name: str = ""
+    nthreads: int = 1
+    pid: int = 0
+    host: str = ""
+    memory_limit: int = 0
+
+
+@message("welcome")
+class Welcome(Message):
+    """Scheduler's reply to a registration: the id it gave the peer, and its timing."""
+
+    peer_id: str = ""
+    heartbeat_interval: float = 1.0
+
+
+@message("closing")
+class Closing(Message):
+    """Sent just before a connection is closed on purpose: the reason, for the peer's error."""
+
+    reason: str = ""
+
+
+@message("heartbeat")
+class Heartbeat(Message):
+    memory: int = 0
+
+
+# ------------------------------------------------------------ client <-> scheduler
+
+
+@message("submit")
+class SubmitBatch(Message):
+    """A pickled joblib batch; ``max_running`` caps the call's concurrency (0: no cap)."""
+
+    batch_id: int = 0
+    call_id: int = 0
+    func_name: str = ""
+    max_running: int = 0
+    frames: tuple = dataclasses.field(default=(), repr=False)
+
+
+@message("cancel-call")
+class CancelCall(Message):
+    call_id: int = 0
+
+
+@message("batch-done")
+class BatchDone(Message):
+    batch_id: int = 0
+    status: str = OK
+    worker: str = ""
+    error: str = ""
+    frames: tuple = dataclasses.field(default=(), repr=False)
+
+
+@message("info-request")
+class InfoRequest(Message):
+    request_id: int = 0
+
+
+@message("info-reply")
+class InfoReply(Message):
+    request_id: int = 0
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+# ------------------------------------------------------------ scheduler <-> worker
+
+
+@message("execute")
+class Execute(Message):
+    task_id: int = 0
+    attempt: int = 0
+    func_name: str = ""
+    frames: tuple = dataclasses.field(default=(), repr=False)
+
+
+@message("cancel")
+class Cancel(Message):
+    task_id: int = 0
+    attempt: int = 0
+
+
+@message("task-done")
+class TaskDone(Message):
+    task_id: int = 0
+    attempt: int = 0
+    status: str = OK
+    duration: float = 0.0
+    frames: tuple = dataclasses.field(default=(), repr=False)
+
+
+def frames_nbytes(frames: Sequence[Buffer]) -> int:
+    return sum(memoryview(f).nbytes for f in frames)

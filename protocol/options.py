@@ -1,0 +1,31 @@
+"""Command-line option helpers shared by the daemons: ``JOBSCHED_*`` defaults and value checks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Callable
+
+
+def env_default(option: str, default: Any) -> Any:
+    """The value of ``JOBSCHED_<OPTION>`` if set, else ``default`` (argparse still type-checks it)."""
+    return os.environ.get(f"JOBSCHED_{option.upper().replace('-', '_')}", default)
+
+
+def port(text: str) -> int:
+    if not str(text).isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse

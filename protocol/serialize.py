@@ -1,0 +1,123 @@
+"""Payload (de)serialization shared by the client and the workers (never the scheduler).
+
+Objects are cloudpickled with pickle protocol 5; buffers of at least
+``OUT_OF_BAND_MIN`` bytes (numpy arrays and the like) are taken out of band and
+travel as separate frames, so they are neither copied into the pickle stream
+nor into the msgpack body, and are rebuilt from the received buffers without a
+further copy.
+
+Exceptions get special care: many cannot be rebuilt by plain pickling (e.g. a
+keyword-only constructor), so they are rebuilt field by field when needed, and
+when even that fails they arrive as a :class:`RemoteError` carrying the type
+name, message and remote traceback.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any, Sequence
+
+import cloudpickle
+
+from .framing import Buffer
+
+OUT_OF_BAND_MIN = 64 * 1024
+
+
+def dumps(obj: Any) -> list[Buffer]:
+    """Pickle ``obj``; returns ``[pickle_stream, *out_of_band_buffers]``."""
+    buffers: list[Buffer] = []
+
+    def keep_large_out_of_band(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True  # true: serialize in band
+        buffers.append(raw)
+        return False
+
+    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large_out_of_band)
+    return [stream, *buffers]
+
+
+def loads(frames: Sequence[Buffer]) -> Any:
+    if not frames:
+        raise ValueError("empty payload")
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+class RemoteError(Exception):
+    """A task raised an exception whose class could not be rebuilt here."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self):
+        return (RemoteError, (self.type_name, self.message, self.remote_traceback))
+
+
+class RemoteTraceback(Exception):
+    """Attached as ``__cause__`` of a re-raised task exception: the worker's traceback."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\n" + self.text
+
+
+def _rebuild_exception(cls: type, args: tuple, state: dict) -> BaseException:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+def _roundtrips(obj: Any) -> bytes | None:
+    try:
+        blob = cloudpickle.dumps(obj, protocol=5)
+        pickle.loads(blob)
+        return blob
+    except Exception:
+        return None
+
+
+def dump_exception(exc: BaseException) -> list[Buffer]:
+    """Serialize a task's exception with its traceback text, as robustly as possible."""
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    blob = _roundtrips(exc)
+    if blob is None:
+        state = dict(getattr(exc, "__dict__", {}))
+        blob = _roundtrips(_Rebuilt(type(exc), exc.args, state))
+    record = {"type": type_name, "message": str(exc), "traceback": tb_text, "exception": blob}
+    return [pickle.dumps(record, protocol=5)]
+
+
+class _Rebuilt:
+    """Pickles as a call to ``_rebuild_exception``: bypasses the class's ``__init__``."""
+
+    def __init__(self, cls: type, args: tuple, state: dict) -> None:
+        self.parts = (cls, args, state)
+
+    def __reduce__(self):
+        return (_rebuild_exception, self.parts)
+
+
+def load_exception(frames: Sequence[Buffer]) -> BaseException:
+    """Rebuild a task's exception, with the remote traceback attached as its cause."""
+    record = pickle.loads(frames[0])
+    exc: BaseException | None = None
+    if record.get("exception") is not None:
+        try:
+            exc = pickle.loads(record["exception"])
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(record["type"], record["message"], record["traceback"])
+    exc.__cause__ = RemoteTraceback(record["traceback"])
+    return exc

@@ -1,0 +1,91 @@
+"""``jobsched-scheduler``: the scheduler daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from ..protocol.address import DEFAULT_PORT, is_loopback_host, write_scheduler_file
+from ..protocol.aio import configure_logging, run_daemon
+from ..protocol.options import env_default, port, positive
+from ..protocol.secret import SecretError, load_secret
+from .server import SchedulerServer
+from .state import SchedulerConfig
+
+log = logging.getLogger("jobsched.scheduler")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobsched-scheduler",
+        description="Run the jobsched scheduler: workers and clients connect to it.",
+        epilog="The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE, "
+        "never from the command line. Binding a non-loopback address requires one.",
+    )
+    p.add_argument("--host", default=env_default("HOST", "127.0.0.1"), help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=port, default=env_default("PORT", DEFAULT_PORT), help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--scheduler-file", default=env_default("SCHEDULER_FILE", None), help="write the address here (JSON) once listening")
+    p.add_argument("--secret-file", default=None, help="file holding the shared secret (mode 0600)")
+    p.add_argument("--heartbeat-timeout", type=positive(float), default=env_default("HEARTBEAT_TIMEOUT", 30.0),
+                   help="seconds of silence after which a worker is declared dead (default 30)")
+    p.add_argument("--allowed-failures", type=positive(int), default=env_default("ALLOWED_FAILURES", 3),
+                   help="workers a batch may see die before it fails with WorkerLostError (default 3)")
+    p.add_argument("--no-worker-timeout", type=positive(float), default=env_default("NO_WORKER_TIMEOUT", 60.0),
+                   help="seconds a batch waits while no worker is connected before it fails (default 60)")
+    p.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        secret = load_secret(args.secret_file)
+    except SecretError as exc:
+        print(f"jobsched-scheduler: {exc}", file=sys.stderr)
+        return 2
+    if not is_loopback_host(args.host) and secret is None:
+        print(
+            f"jobsched-scheduler: refusing to listen on {args.host} without a shared secret: anyone who can "
+            "reach the port could run code on every worker. Set JOBSCHED_SECRET or JOBSCHED_SECRET_FILE "
+            "(or pass --secret-file PATH with a file of mode 0600).",
+            file=sys.stderr,
+        )
+        return 2
+    if not is_loopback_host(args.host):
+        log.warning("listening on %s without TLS: traffic can be read on the network", args.host)
+    config = SchedulerConfig(
+        heartbeat_timeout=float(args.heartbeat_timeout),
+        max_deaths=int(args.allowed_failures),
+        no_worker_timeout=float(args.no_worker_timeout),
+    )
+
+    async def serve(stop: asyncio.Event) -> int:
+        server = SchedulerServer(args.host, int(args.port), secret, config)
+        try:
+            address = await server.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc)
+            return 1
+        if args.scheduler_file:
+            write_scheduler_file(args.scheduler_file, address)
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            await server.stop()
+            if args.scheduler_file:
+                try:
+                    os.unlink(args.scheduler_file)
+                except OSError:
+                    pass
+        return 0
+
+    return run_daemon(serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The scheduler daemon: a thin asyncio server around ``SchedulerState``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..protocol import Role
+from ..protocol import messages as m
+from ..protocol.aio import Connection, start_server
+from .state import Close, MessageReceived, PeerConnected, PeerDisconnected, SchedulerConfig, SchedulerState, Send, Ticked
+
+log = logging.getLogger("jobsched.scheduler")
+
+TICK_INTERVAL = 0.25
+
+
+class SchedulerServer:
+    def __init__(self, host: str, port: int, secret: bytes | None, config: SchedulerConfig = SchedulerConfig()) -> None:
+        self.host = host
+        self.port = port
+        self.secret = secret
+        self.config = config
+        self.state: SchedulerState | None = None
+        self.connections: dict[int, Connection] = {}
+        self._next_conn = 1
+        self._server: asyncio.AbstractServer | None = None
+        self._ticker: asyncio.Task | None = None
+        self.address = ""
+
+    async def start(self) -> str:
+        self._server = await start_server(
+            self.host, self.port, self.secret, frozenset({Role.CLIENT, Role.WORKER}), self._on_connection
+        )
+        sockname = self._server.sockets[0].getsockname()
+        host = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
+        self.address = f"tcp://{host}:{sockname[1]}"
+        config = SchedulerConfig(**{**self.config.__dict__, "address": self.address})
+        self.state = SchedulerState(config)
+        self._dispatch(Ticked(time.monotonic()))
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+        log.info("scheduler listening at %s", self.address)
+        return self.address
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections.values()):
+            conn.send(m.Closing("the scheduler is shutting down"))
+            conn.close("scheduler shutting down")
+        await asyncio.sleep(0)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_INTERVAL)
+            self._dispatch(Ticked(time.monotonic()))
+
+    def _on_connection(self, conn: Connection) -> None:
+        conn_id = self._next_conn
+        self._next_conn += 1
+        self.connections[conn_id] = conn
+        self._dispatch(PeerConnected(conn_id, f"tcp://{conn.peer}"))
+        conn.set_handlers(
+            lambda _c, message: self._dispatch(MessageReceived(conn_id, message)),
+            lambda _c, reason: self._on_close(conn_id, reason),
+        )
+
+    def _on_close(self, conn_id: int, reason: str) -> None:
+        conn = self.connections.pop(conn_id, None)
+        if conn is not None:
+            log.info("connection %s from %s closed: %s", conn_id, conn.peer, reason)
+        self._dispatch(PeerDisconnected(conn_id, reason))
+
+    def _dispatch(self, event) -> None:
+        assert self.state is not None
+        for command in self.state.handle(event):
+            conn = self.connections.get(command.conn)
+            if conn is None:
+                continue
+            if type(command) is Send:
+                conn.send(command.message)
+            elif type(command) is Close:
+                log.warning("closing connection %s from %s: %s", command.conn, conn.peer, command.reason)
+                conn.send(m.Closing(command.reason))
+                conn.close(command.reason)

@@ -1,0 +1,384 @@
+"""The scheduler's pure state machine: ``handle(event) -> list[command]``.
+
+No sockets, no clock reads (time arrives as ``Ticked``), and every decision
+depends only on insertion order, so a sequence of events always produces the
+same commands.  The asyncio server (``server.py``) feeds it and carries out
+the commands.
+
+Scheduling: each joblib call has its own FIFO queue; calls with queued work and
+room under their concurrency cap take turns (round robin), and workers with a
+free slot take turns too.  A worker that dies has its running batches
+requeued at the front of their call's queue with a new attempt number; a batch
+that has been running on ``max_deaths`` workers when they died fails with a
+``lost`` status instead of being retried forever.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Union
+
+from ..protocol import messages as m
+
+ConnId = int
+CallKey = tuple[ConnId, int]
+
+
+# ------------------------------------------------------------------- events
+@dataclass(frozen=True, slots=True)
+class PeerConnected:
+    conn: ConnId
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    conn: ConnId
+    message: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDisconnected:
+    conn: ConnId
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ticked:
+    now: float
+
+
+Event = Union[PeerConnected, MessageReceived, PeerDisconnected, Ticked]
+
+
+# ----------------------------------------------------------------- commands
+@dataclass(frozen=True, slots=True)
+class Send:
+    conn: ConnId
+    message: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    conn: ConnId
+    reason: str
+
+
+Command = Union[Send, Close]
+
+
+# ------------------------------------------------------------------ records
+@dataclass(slots=True)
+class TaskRecord:
+    task_id: int
+    call: CallKey
+    batch_id: int
+    func_name: str
+    frames: tuple
+    queued_at: float
+    attempt: int = 0
+    worker: ConnId | None = None
+    deaths: int = 0
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class CallRecord:
+    key: CallKey
+    max_running: int  # 0: no cap
+    queue: deque = field(default_factory=deque)  # task ids waiting
+    running: dict = field(default_factory=dict)  # task_id -> None, an ordered set
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.queue) and (self.max_running == 0 or len(self.running) < self.max_running)
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    conn: ConnId
+    address: str
+    name: str
+    nthreads: int
+    host: str
+    pid: int
+    memory_limit: int
+    last_seen: float
+    memory: int = 0
+    running: dict = field(default_factory=dict)  # task_id -> None, an ordered set
+    completed: int = 0
+
+
+@dataclass(slots=True)
+class ClientRecord:
+    conn: ConnId
+    name: str
+    pid: int
+    host: str
+    calls: dict = field(default_factory=dict)  # call_id -> CallRecord
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    address: str = ""
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 30.0  # silence after which a worker is declared dead
+    max_deaths: int = 3  # workers a batch may take down before it fails
+    no_worker_timeout: float = 60.0  # how long a batch waits when no worker is connected
+
+
+class SchedulerState:
+    def __init__(self, config: SchedulerConfig = SchedulerConfig()) -> None:
+        self.config = config
+        self.now = 0.0
+        self.addresses: dict[ConnId, str] = {}
+        self.workers: dict[ConnId, WorkerRecord] = {}
+        self.clients: dict[ConnId, ClientRecord] = {}
+        self.tasks: dict[int, TaskRecord] = {}
+        self.ready_calls: dict[CallKey, CallRecord] = {}  # ordered: round robin
+        self.free_workers: dict[ConnId, WorkerRecord] = {}  # ordered: round robin
+        self._next_task_id = 1
+        self.stale_results = 0
+
+    # ---------------------------------------------------------------- entry
+    def handle(self, event: Event) -> list[Command]:
+        out: list[Command] = []
+        if type(event) is MessageReceived:
+            self._on_message(event.conn, event.message, out)
+        elif type(event) is Ticked:
+            self._on_tick(event.now, out)
+        elif type(event) is PeerConnected:
+            self.addresses[event.conn] = event.address
+        elif type(event) is PeerDisconnected:
+            self._on_disconnect(event.conn, out)
+        else:
+            raise TypeError(f"unknown event {event!r}")
+        self._schedule(out)
+        return out
+
+    def _on_message(self, conn: ConnId, msg: m.Message, out: list[Command]) -> None:
+        kind = type(msg)
+        if conn in self.workers:
+            worker = self.workers[conn]
+            worker.last_seen = self.now
+            if kind is m.TaskDone:
+                self._on_task_done(worker, msg, out)  # type: ignore[arg-type]
+            elif kind is m.Heartbeat:
+                worker.memory = msg.memory  # type: ignore[attr-defined]
+            elif kind is m.InfoRequest:
+                out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))  # type: ignore[attr-defined]
+            else:
+                out.append(Close(conn, f"unexpected {msg.op!r} from a worker"))
+                self._on_disconnect(conn, out)
+        elif conn in self.clients:
+            client = self.clients[conn]
+            if kind is m.SubmitBatch:
+                self._on_submit(client, msg, out)  # type: ignore[arg-type]
+            elif kind is m.CancelCall:
+                self._cancel_call(client, msg.call_id, out)  # type: ignore[attr-defined]
+            elif kind is m.InfoRequest:
+                out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))  # type: ignore[attr-defined]
+            else:
+                out.append(Close(conn, f"unexpected {msg.op!r} from a client"))
+                self._on_disconnect(conn, out)
+        elif kind is m.RegisterWorker:
+            self._register_worker(conn, msg, out)  # type: ignore[arg-type]
+        elif kind is m.RegisterClient:
+            self.clients[conn] = ClientRecord(conn, msg.name, msg.pid, msg.host)  # type: ignore[attr-defined]
+            out.append(Send(conn, m.Welcome(f"client-{conn}", self.config.heartbeat_interval)))
+        else:
+            out.append(Close(conn, f"expected a registration, got {msg.op!r}"))
+            self.addresses.pop(conn, None)
+
+    # -------------------------------------------------------------- workers
+    def _register_worker(self, conn: ConnId, msg: m.RegisterWorker, out: list[Command]) -> None:
+        address = self.addresses.get(conn, f"conn-{conn}")
+        name = msg.name or address
+        if msg.nthreads < 1 or any(w.name == name for w in self.workers.values()):
+            reason = "nthreads must be at least 1" if msg.nthreads < 1 else f"a worker named {name!r} is already registered"
+            out.append(Close(conn, reason))
+            self.addresses.pop(conn, None)
+            return
+        worker = WorkerRecord(conn, address, name, msg.nthreads, msg.host, msg.pid, msg.memory_limit, self.now)
+        self.workers[conn] = worker
+        self.free_workers[conn] = worker
+        out.append(Send(conn, m.Welcome(name, self.config.heartbeat_interval)))
+
+    def _on_task_done(self, worker: WorkerRecord, msg: m.TaskDone, out: list[Command]) -> None:
+        task = self.tasks.get(msg.task_id)
+        if task is None or task.worker != worker.conn or task.attempt != msg.attempt:
+            self.stale_results += 1  # a late result of a lost or cancelled attempt
+            return
+        self._release_slot(worker, task)
+        del self.tasks[task.task_id]
+        worker.completed += 1
+        if task.cancelled:
+            return
+        if msg.status not in (m.OK, m.ERROR):
+            reason = f"worker {worker.name} reported invalid status {msg.status[:20]!r}"
+            out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.FAILED, worker.name, reason)))
+            return
+        out.append(Send(task.call[0], m.BatchDone(task.batch_id, msg.status, worker.name, "", msg.frames)))
+
+    def _release_slot(self, worker: WorkerRecord, task: TaskRecord) -> None:
+        del worker.running[task.task_id]
+        task.worker = None
+        if worker.conn not in self.free_workers:
+            self.free_workers[worker.conn] = worker
+        call = self._call_of(task)
+        if call is not None:
+            del call.running[task.task_id]
+            if call.ready:
+                self.ready_calls.setdefault(call.key, call)
+
+    def _on_disconnect(self, conn: ConnId, out: list[Command]) -> None:
+        self.addresses.pop(conn, None)
+        worker = self.workers.pop(conn, None)
+        if worker is not None:
+            self.free_workers.pop(conn, None)
+            self._requeue_lost(worker, out)
+        client = self.clients.pop(conn, None)
+        if client is not None:
+            for call_id in list(client.calls):
+                self._cancel_call(client, call_id, out)
+
+    def _requeue_lost(self, worker: WorkerRecord, out: list[Command]) -> None:
+        for task_id in reversed(list(worker.running)):  # reversed: appendleft keeps order
+            task = self.tasks[task_id]
+            del worker.running[task_id]
+            task.worker = None
+            if task.cancelled:
+                del self.tasks[task_id]
+                continue
+            task.deaths += 1
+            call = self._call_of(task)
+            assert call is not None
+            del call.running[task_id]
+            if task.deaths >= self.config.max_deaths:
+                del self.tasks[task_id]
+                reason = (
+                    f"batch of {task.func_name} was running on {task.deaths} workers that died "
+                    f"(last: {worker.name}); giving up after {self.config.max_deaths}"
+                )
+                out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.LOST, worker.name, reason)))
+            else:
+                task.queued_at = self.now
+                call.queue.appendleft(task_id)
+            if call.ready:
+                self.ready_calls.setdefault(call.key, call)
+
+    # -------------------------------------------------------------- clients
+    def _on_submit(self, client: ClientRecord, msg: m.SubmitBatch, out: list[Command]) -> None:
+        call = client.calls.get(msg.call_id)
+        if call is None:
+            call = client.calls[msg.call_id] = CallRecord((client.conn, msg.call_id), max(msg.max_running, 0))
+        task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name, msg.frames, self.now)
+        self._next_task_id += 1
+        self.tasks[task.task_id] = task
+        call.queue.append(task.task_id)
+        if call.ready:
+            self.ready_calls.setdefault(call.key, call)
+
+    def _cancel_call(self, client: ClientRecord, call_id: int, out: list[Command]) -> None:
+        call = client.calls.pop(call_id, None)
+        if call is None:
+            return
+        self.ready_calls.pop(call.key, None)
+        for task_id in call.queue:
+            del self.tasks[task_id]
+        call.queue.clear()
+        # running batches keep their slot until the worker reports back: the CPU is still busy
+        for task_id in call.running:
+            task = self.tasks[task_id]
+            task.cancelled = True
+            out.append(Send(task.worker, m.Cancel(task.task_id, task.attempt)))
+
+    def _call_of(self, task: TaskRecord) -> CallRecord | None:
+        client = self.clients.get(task.call[0])
+        return None if client is None else client.calls.get(task.call[1])
+
+    # ----------------------------------------------------------- scheduling
+    def _schedule(self, out: list[Command]) -> None:
+        ready, free = self.ready_calls, self.free_workers
+        while ready and free:
+            key = next(iter(ready))
+            call = ready.pop(key)
+            conn = next(iter(free))
+            worker = free.pop(conn)
+            task = self.tasks[call.queue.popleft()]
+            task.attempt += 1
+            task.worker = conn
+            worker.running[task.task_id] = None
+            call.running[task.task_id] = None
+            out.append(Send(conn, m.Execute(task.task_id, task.attempt, task.func_name, task.frames)))
+            if len(worker.running) < worker.nthreads:
+                free[conn] = worker  # back of the line
+            if call.ready:
+                ready[key] = call
+
+    # ----------------------------------------------------------------- time
+    def _on_tick(self, now: float, out: list[Command]) -> None:
+        self.now = now
+        deadline = now - self.config.heartbeat_timeout
+        for worker in [w for w in self.workers.values() if w.last_seen < deadline]:
+            out.append(Close(worker.conn, f"no heartbeat for {self.config.heartbeat_timeout:.0f} s"))
+            self._on_disconnect(worker.conn, out)
+        if not self.workers and self.tasks:
+            self._fail_starved(now, out)
+
+    def _fail_starved(self, now: float, out: list[Command]) -> None:
+        limit = self.config.no_worker_timeout
+        for client in self.clients.values():
+            for call in client.calls.values():
+                while call.queue and self.tasks[call.queue[0]].queued_at <= now - limit:
+                    task = self.tasks.pop(call.queue.popleft())
+                    reason = f"no worker connected to the scheduler within {limit:.0f} s"
+                    out.append(Send(client.conn, m.BatchDone(task.batch_id, m.NO_WORKERS, "", reason)))
+                if not call.ready:
+                    self.ready_calls.pop(call.key, None)
+
+    # ----------------------------------------------------------------- info
+    def info(self) -> dict:
+        return {
+            "address": self.config.address,
+            "workers": {
+                w.address: {
+                    "name": w.name,
+                    "address": w.address,
+                    "host": w.host,
+                    "pid": w.pid,
+                    "nthreads": w.nthreads,
+                    "running": len(w.running),
+                    "completed": w.completed,
+                    "memory": w.memory,
+                    "memory_limit": w.memory_limit,
+                }
+                for w in self.workers.values()
+            },
+            "clients": len(self.clients),
+            "queued": sum(len(c.queue) for cl in self.clients.values() for c in cl.calls.values()),
+            "tasks": len(self.tasks),
+            "stale_results": self.stale_results,
+        }
+
+    def validate(self) -> None:
+        """Check the invariants; tests call this after every step."""
+        for worker in self.workers.values():
+            assert len(worker.running) <= worker.nthreads, worker
+            assert (worker.conn in self.free_workers) == (len(worker.running) < worker.nthreads), worker
+            for task_id in worker.running:
+                assert self.tasks[task_id].worker == worker.conn
+        for conn in self.free_workers:
+            assert conn in self.workers
+        for client in self.clients.values():
+            for call in client.calls.values():
+                assert (call.key in self.ready_calls) == call.ready, call
+                for task_id in call.running:
+                    task = self.tasks[task_id]
+                    assert task.worker is not None and not task.cancelled and task.call == call.key
+                for task_id in call.queue:
+                    assert self.tasks[task_id].worker is None
+        for task in self.tasks.values():
+            if task.worker is not None:
+                assert task.task_id in self.workers[task.worker].running
