@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -42,7 +44,12 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     Parameters (through ``parallel_config(backend="cluster", ...)``):
     ``scheduler``: an address or a ``Client`` (default: the current Client, else an
     embedded local cluster); ``secret``: the shared secret for an address;
-    ``wait_for_workers_timeout``: seconds to wait for a first worker before failing.
+    ``wait_for_workers_timeout``: seconds to wait for a first worker before failing;
+    ``capture_output`` (default True): replay what tasks print on ``sys.stdout``/``sys.stderr``;
+    ``capture_warnings`` (default True): re-issue the tasks' warnings in the caller;
+    ``forward_logging`` (default ``logging.WARNING``): forward the tasks' log records at this
+    level and above to the caller's loggers (``None`` or ``False``: off);
+    ``output_cap`` (default 1 MiB): output kept per batch, the rest is cut with a note.
     """
 
     supports_retrieve_callback = True
@@ -57,6 +64,10 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         scheduler: "str | Client | None" = None,
         secret: str | bytes | None = None,
         wait_for_workers_timeout: float = 60.0,
+        capture_output: bool = True,
+        capture_warnings: bool = True,
+        forward_logging: int | bool | None = logging.WARNING,
+        output_cap: int = 1 << 20,
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
         **kwargs: Any,
@@ -65,7 +76,16 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self.scheduler = scheduler
         self.secret = secret
         self.wait_for_workers_timeout = wait_for_workers_timeout
+        if forward_logging is True:
+            forward_logging = logging.WARNING
+        self.capture = {
+            "output": bool(capture_output),
+            "warnings": bool(capture_warnings),
+            "log_level": None if forward_logging is False or forward_logging is None else int(forward_logging),
+            "output_cap": int(output_cap),
+        }
         self.client: Client | None = None
+        self._context: dict = {}
         self._call_id = 0
         self._max_running = 0
 
@@ -91,11 +111,20 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     def start_call(self) -> None:
         assert self.client is not None
         self._call_id = self.client.new_call_id()
+        self._context = self._call_context()
+
+    def _call_context(self) -> dict:
+        """What the worker needs to run a task as if locally (see worker/executor.py)."""
+        context: dict = {"capture": self.capture, "inner_max_num_threads": self.inner_max_num_threads}
+        sklearn = sys.modules.get("sklearn")
+        if sklearn is not None and hasattr(sklearn, "get_config"):
+            context["sklearn_config"] = sklearn.get_config()
+        return context
 
     def submit(self, func: Callable, callback: Callable | None = None) -> Future:
         assert self.client is not None
         future = self.client.submit_batch(
-            dumps(func), call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running
+            dumps((func, self._context)), call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running
         )
         if callback is not None:
             future.add_done_callback(callback)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import itertools
 import logging
 import os
+import pickle
 import queue
 import socket
 import threading
@@ -29,6 +31,7 @@ from ..protocol.secret import load_secret
 from ..protocol.serialize import load_exception, loads
 from .errors import ClusterError, NoWorkersError, SchedulerUnreachableError, WorkerLostError
 from .local_cluster import LocalCluster
+from .replay import replay
 
 log = logging.getLogger("jobsched.client")
 
@@ -233,10 +236,15 @@ class Client:
         status = message.status
         try:
             if status == m.OK:
-                future.set_result(loads(message.frames))
+                result, events = loads(message.frames)
+                replay(events)  # may raise: a warning the caller's filters turn into an error
+                future.set_result(result)
                 return
             if status == m.ERROR:
-                error: BaseException = load_exception(message.frames)
+                error: BaseException = load_exception(message.frames[:1])
+                if len(message.frames) > 1:
+                    with contextlib.suppress(Exception):  # the task's own error comes first
+                        replay(pickle.loads(message.frames[1]))
             elif status == m.LOST:
                 error = WorkerLostError(message.error)
             elif status == m.NO_WORKERS:

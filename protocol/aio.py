@@ -301,7 +301,11 @@ async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Send jobsched's own logs to stderr.  The root logger is left alone: on a worker,
+    the tasks' log records are captured for their caller, not printed here."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("jobsched")
+    logger.addHandler(handler)
+    logger.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logger.propagate = False

@@ -1,20 +1,33 @@
-"""Runs one pickled joblib batch and packs its outcome: the worker's only contact with user code."""
+"""Runs one pickled joblib batch and packs its outcome: the worker's only contact with user code.
+
+The client pickles ``(batch, context)``; ``context`` is a plain dict:
+``capture`` (CaptureOptions fields), ``sklearn_config`` (the caller's
+``sklearn.get_config()``), ``inner_max_num_threads``.  The outcome frames are
+``dumps((result, events))`` on success, and ``dump_exception(exc) + [pickle of
+events]`` on failure, so output printed before an error still reaches the caller.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import pickle
 import time
+from typing import Any, Iterator
 
 from ..protocol import messages as m
 from ..protocol.serialize import dump_exception, dumps, loads
+from .capture import CaptureOptions, capturing
 
 
 def run_batch(frames: tuple) -> tuple[str, list, float]:
     """Unpickle and call a batch; returns ``(status, frames, duration)``, never raises."""
     start = time.perf_counter()
+    events: list = []
     try:
-        batch = loads(frames)
-        result = batch()
-        payload = dumps(result)
+        batch, context = loads(frames)
+        with capturing(_capture_options(context)) as events, _sklearn_config(context), _thread_limits(context):
+            result = batch()
+        payload = dumps((result, events))
         status = m.OK
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
         status = m.ERROR
@@ -22,4 +35,43 @@ def run_batch(frames: tuple) -> tuple[str, list, float]:
             payload = dump_exception(exc)
         except BaseException as inner:  # noqa: BLE001 - e.g. a __str__ that raises
             payload = dump_exception(RuntimeError(f"{type(exc).__qualname__} (unprintable: {inner!r})"))
+        payload.append(pickle.dumps(events, protocol=5))
     return status, payload, time.perf_counter() - start
+
+
+def _capture_options(context: dict) -> CaptureOptions:
+    fields = context.get("capture") or {}
+    return CaptureOptions(**{k: v for k, v in fields.items() if k in CaptureOptions.__dataclass_fields__})
+
+
+@contextlib.contextmanager
+def _sklearn_config(context: dict) -> Iterator[None]:
+    """Put the caller's scikit-learn configuration in force for this thread, as loky does."""
+    config = context.get("sklearn_config")
+    if not config:
+        yield
+        return
+    try:
+        import sklearn
+    except ImportError:
+        yield
+        return
+    known = sklearn.get_config()
+    with sklearn.config_context(**{k: v for k, v in config.items() if k in known}):
+        yield
+
+
+@contextlib.contextmanager
+def _thread_limits(context: dict) -> Iterator[Any]:
+    """Honour joblib's ``inner_max_num_threads`` for BLAS/OpenMP pools inside the tasks."""
+    limit = context.get("inner_max_num_threads")
+    if not limit:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=int(limit)):
+        yield

@@ -1,0 +1,275 @@
+"""Fixtures that run real jobsched daemons as subprocesses on 127.0.0.1.
+
+Every daemon gets a random free port (``--port 0`` plus a scheduler file), its
+own process group (``start_new_session=True``) and a log file in ``tmp_path``.
+At teardown each group gets SIGTERM, then SIGKILL after a timeout: processes
+are ended by process group id, never by name.  A failing test prints the
+daemons' logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import jobsched
+from jobsched.client import client as client_module
+from jobsched.client import backend as backend_module
+
+TESTS_DIR = Path(__file__).resolve().parent
+BIN_DIR = Path(sys.executable).parent
+STARTUP_TIMEOUT = 20.0
+
+
+def daemon_env(secret: str | None = None) -> dict[str, str]:
+    """Environment for a daemon: no inherited JOBSCHED_* settings, ``tasks`` importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSCHED_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    # daemons shut down on their own if this test process dies (no leftovers)
+    env["JOBSCHED_PARENT_PID"] = str(os.getpid())
+    if secret is not None:
+        env["JOBSCHED_SECRET"] = secret
+    return env
+
+
+@dataclass
+class Daemon:
+    """One daemon subprocess, the leader of its own process group."""
+
+    kind: str
+    proc: subprocess.Popen
+    log_path: Path
+    address: str = ""
+    name: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        """Signal the daemon's process group (if it still runs)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL the process group and reap the daemon."""
+        self.signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """SIGTERM the process group, SIGKILL it after ``timeout``; returns the exit status."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+
+class DaemonPool:
+    """Starts daemons for one test and ends every one of them at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.daemons: list[Daemon] = []
+        self._count = 0
+
+    def spawn(self, kind: str, module: str, args: list[str], env: dict[str, str]) -> Daemon:
+        self._count += 1
+        log_path = self.tmp_path / f"{self._count:02d}-{kind}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.tmp_path,
+                start_new_session=True,
+            )
+        daemon = Daemon(kind, proc, log_path)
+        self.daemons.append(daemon)
+        return daemon
+
+    def scheduler(self, *args: str, secret: str | None = None, env: dict[str, str] | None = None,
+                  wait: bool = True) -> Daemon:
+        """Start ``jobsched-scheduler --port 0 --scheduler-file ...`` and wait until it listens."""
+        path = self.tmp_path / f"scheduler-{self._count + 1}.json"
+        argv = ["--port", "0", "--scheduler-file", str(path), *args]
+        daemon = self.spawn("scheduler", "jobsched.scheduler", argv, env or daemon_env(secret))
+        if wait:
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            while not path.exists():
+                if daemon.proc.poll() is not None:
+                    raise RuntimeError(f"scheduler exited with {daemon.proc.returncode}:\n{daemon.log()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"scheduler did not start:\n{daemon.log()}")
+                time.sleep(0.02)
+            daemon.address = json.loads(path.read_text())["address"]
+        return daemon
+
+    def worker(self, address: str, *args: str, name: str | None = None, nthreads: int = 1,
+               secret: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+        """Start ``jobsched-worker ADDRESS --nthreads N --name NAME``."""
+        name = name or f"worker-{self._count + 1}"
+        argv = [address, "--nthreads", str(nthreads), "--name", name, *args]
+        daemon = self.spawn("worker", "jobsched.worker", argv, env or daemon_env(secret))
+        daemon.address = address
+        daemon.name = name
+        return daemon
+
+    def close(self) -> None:
+        for daemon in reversed(self.daemons):
+            daemon.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        for daemon in self.daemons:
+            try:
+                daemon.proc.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+
+    def report(self) -> str:
+        parts = []
+        for daemon in self.daemons:
+            parts.append(f"----- {daemon.kind} {daemon.name} pid={daemon.pid} rc={daemon.proc.poll()} "
+                         f"({daemon.log_path.name}) -----\n{daemon.log()}")
+        return "\n".join(parts)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def daemons(request, tmp_path) -> Iterator[DaemonPool]:
+    """Factory for daemons; everything it started is ended at teardown."""
+    pool = DaemonPool(tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        rep = getattr(request.node, "rep_call", None)
+        if rep is None or rep.failed:
+            print(pool.report())
+
+
+@pytest.fixture
+def scheduler(daemons) -> Callable[..., tuple[str, subprocess.Popen]]:
+    """``scheduler(*args, secret=None)`` -> (address, proc) of a running scheduler."""
+
+    def start(*args: str, secret: str | None = None) -> tuple[str, subprocess.Popen]:
+        d = daemons.scheduler(*args, secret=secret)
+        return d.address, d.proc
+
+    return start
+
+
+@pytest.fixture
+def worker(daemons) -> Callable[..., subprocess.Popen]:
+    """``worker(address, *args, name=None, nthreads=1, secret=None)`` -> proc of a worker."""
+
+    def start(address: str, *args: str, **kwargs) -> subprocess.Popen:
+        return daemons.worker(address, *args, **kwargs).proc
+
+    return start
+
+
+def wait_for_workers(client: jobsched.Client, names: list[str], timeout: float = 30.0) -> dict:
+    """Wait until workers with these names are registered; returns their info by name."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = {w["name"]: w for w in client.scheduler_info()["workers"].values()}
+        if all(n in workers for n in names):
+            return workers
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers {names} did not join; joined: {sorted(workers)}")
+        time.sleep(0.05)
+
+
+@dataclass
+class RunningCluster:
+    """A scheduler, its workers and a connected ``Client`` (the current one)."""
+
+    client: jobsched.Client
+    scheduler: Daemon
+    workers: list[Daemon] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.scheduler.address
+
+    @property
+    def worker_pids(self) -> set[int]:
+        return {w.pid for w in self.workers}
+
+
+def start_cluster(daemons: DaemonPool, n_workers: int = 2, scheduler_args: tuple[str, ...] = (),
+                  nthreads: int = 1) -> RunningCluster:
+    sched = daemons.scheduler(*scheduler_args)
+    workers = [daemons.worker(sched.address, name=f"w{i}", nthreads=nthreads) for i in range(n_workers)]
+    client = jobsched.Client(sched.address, timeout=10)
+    try:
+        wait_for_workers(client, [w.name for w in workers])
+    except BaseException:
+        client.close()
+        raise
+    return RunningCluster(client, sched, workers)
+
+
+@pytest.fixture
+def cluster(daemons) -> Iterator[RunningCluster]:
+    """A scheduler plus two ``--nthreads 1`` workers, both joined, and a connected Client."""
+    running = start_cluster(daemons)
+    try:
+        yield running
+    finally:
+        running.client.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close every Client a test left open, including those the backend creates for
+    ``parallel_config(scheduler=address)`` and the embedded local cluster, so no test
+    inherits another's "current" Client (and no LocalCluster outlives its test)."""
+    yield
+    with client_module._open_lock:
+        clients = [ref() for ref in client_module._open_clients]
+        client_module._open_clients.clear()
+    with backend_module._shared_lock:
+        clients += list(backend_module._shared_clients.values())
+        backend_module._shared_clients.clear()
+    for client in clients:
+        if client is not None:
+            client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
