@@ -29,6 +29,7 @@ from ..protocol.address import parse_address, read_scheduler_file
 from ..protocol.aio import Connection, new_event_loop, open_connection
 from ..protocol.secret import load_secret
 from ..protocol.serialize import load_exception, loads
+from ..protocol.tls import TLSConfig, client_context
 from .errors import ClusterError, NoWorkersError, SchedulerUnreachableError, WorkerLostError
 from .local_cluster import LocalCluster
 from .replay import replay
@@ -68,6 +69,9 @@ class Client:
         threads_per_worker: int = 1,
         name: str = "",
         set_as_current: bool = True,
+        tls_ca_file: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.cluster: LocalCluster | None = None
         self._owns_cluster = False
@@ -83,8 +87,8 @@ class Client:
         if self.cluster is not None:
             address, secret = self.cluster.address, self.cluster.secret
         self.address = parse_address(address)  # type: ignore[arg-type]
-        if self.address.scheme == "tls":
-            raise ValueError("tls:// addresses are not supported yet")
+        tls = TLSConfig(tls_cert, tls_key, tls_ca_file)
+        self._ssl = client_context(tls) if self.address.scheme == "tls" else None
         self.secret = load_secret(secret_file, secret)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
 
@@ -127,7 +131,9 @@ class Client:
             raise SchedulerUnreachableError(f"cannot reach the scheduler at {self.address}: {exc or 'timed out'}") from None
 
     async def _open(self) -> None:
-        conn = await open_connection(self.address.host, self.address.port, Role.CLIENT, self.secret, timeout=self.timeout)
+        conn = await open_connection(
+            self.address.host, self.address.port, Role.CLIENT, self.secret, ssl=self._ssl, timeout=self.timeout
+        )
         welcomed = self._loop.create_future()
 
         def on_message(_c: Connection, message: m.Message) -> None:

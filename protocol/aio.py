@@ -15,7 +15,7 @@ import socket
 import ssl as ssl_module
 from typing import Any, Callable, Iterable
 
-from .errors import HandshakeError, ProtocolError
+from .errors import HandshakeError, ProtocolError, TLSError
 from .framing import PREAUTH_LIMITS, FrameDecoder, FrameLimits, encode_frame
 from .handshake import AcceptorHandshake, InitiatorHandshake, Role
 from .messages import PROTOCOL_VERSION, Message, decode, encode
@@ -216,11 +216,26 @@ async def open_connection(
     handshake = InitiatorHandshake(role, secret, PROTOCOL_VERSION, peer_name)
 
     async def connect() -> Connection:
-        _, conn = await loop.create_connection(lambda: Connection(handshake, limits), host, port, ssl=ssl)
+        _, conn = await loop.create_connection(
+            lambda: Connection(handshake, limits), host, port, ssl=ssl,
+            server_hostname=host if ssl else None, ssl_handshake_timeout=timeout if ssl else None,
+        )
         await conn.authenticated
         return conn
 
-    return await asyncio.wait_for(connect(), timeout)
+    try:
+        return await asyncio.wait_for(connect(), timeout)
+    except ssl_module.SSLError as exc:
+        raise TLSError(f"TLS handshake with the {peer_name} at {host}:{port} failed: {exc.reason or exc}") from None
+    except ConnectionError as exc:
+        if isinstance(exc, ConnectionRefusedError):
+            raise
+        hint = (
+            "with TLS this usually means it did not accept our certificate (--tls-cert / --tls-ca-file)"
+            if ssl is not None
+            else "is it a jobsched scheduler, and does it expect tls:// instead of tcp://?"
+        )
+        raise ConnectionError(f"the {peer_name} at {host}:{port} closed the connection during the handshake ({exc}); {hint}") from None
 
 
 async def start_server(
@@ -253,7 +268,9 @@ async def start_server(
         conn.authenticated.add_done_callback(settled)
         return conn
 
-    return await loop.create_server(factory, host, port, ssl=ssl, reuse_address=True)
+    return await loop.create_server(
+        factory, host, port, ssl=ssl, reuse_address=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ssl else None
+    )
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -25,3 +25,7 @@ class AuthenticationError(HandshakeError):
 
 class VersionMismatch(HandshakeError):
     """Both sides speak jobsched, but different protocol versions."""
+
+
+class TLSError(HandshakeError):
+    """The TLS layer failed: bad or untrusted certificate, or the peer does not speak TLS."""

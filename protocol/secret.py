@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 
 ENV_SECRET = "JOBSCHED_SECRET"
@@ -44,3 +45,10 @@ def load_secret(secret_file: str | None = None, secret: str | bytes | None = Non
     if credentials and os.path.exists(os.path.join(credentials, "jobsched-secret")):
         return read_secret_file(os.path.join(credentials, "jobsched-secret"))
     return None
+
+
+def write_new_secret(path: str) -> None:
+    """Create ``path`` holding a new random secret, mode 0600 from the first byte on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(48) + "\n")

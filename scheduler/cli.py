@@ -10,8 +10,9 @@ import sys
 
 from ..protocol.address import DEFAULT_PORT, is_loopback_host, write_scheduler_file
 from ..protocol.aio import configure_logging, run_daemon
-from ..protocol.options import env_default, port, positive
-from ..protocol.secret import SecretError, load_secret
+from ..protocol.options import add_tls_options, env_default, port, positive, tls_config
+from ..protocol.secret import SecretError, load_secret, write_new_secret
+from ..protocol.tls import server_context
 from .server import SchedulerServer
 from .state import SchedulerConfig
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="workers a batch may see die before it fails with WorkerLostError (default 3)")
     p.add_argument("--no-worker-timeout", type=positive(float), default=env_default("NO_WORKER_TIMEOUT", 60.0),
                    help="seconds a batch waits while no worker is connected before it fails (default 60)")
+    p.add_argument("--generate-secret", metavar="PATH", default=None,
+                   help="write a new random secret to PATH (mode 0600) and exit")
+    add_tls_options(p)
     p.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -42,9 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    if args.generate_secret:
+        try:
+            write_new_secret(args.generate_secret)
+        except FileExistsError:
+            print(f"jobsched-scheduler: {args.generate_secret} exists; not overwriting it", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"jobsched-scheduler: cannot write {args.generate_secret}: {exc.strerror}", file=sys.stderr)
+            return 2
+        print(f"wrote a new secret to {args.generate_secret} (mode 0600)")
+        return 0
     try:
         secret = load_secret(args.secret_file)
-    except SecretError as exc:
+        tls = tls_config(args)
+        ssl = server_context(tls) if tls.configured else None
+    except (SecretError, ValueError, OSError) as exc:
         print(f"jobsched-scheduler: {exc}", file=sys.stderr)
         return 2
     if not is_loopback_host(args.host) and secret is None:
@@ -55,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if not is_loopback_host(args.host):
+    if not is_loopback_host(args.host) and ssl is None:
         log.warning("listening on %s without TLS: traffic can be read on the network", args.host)
     config = SchedulerConfig(
         heartbeat_timeout=float(args.heartbeat_timeout),
@@ -64,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     async def serve(stop: asyncio.Event) -> int:
-        server = SchedulerServer(args.host, int(args.port), secret, config)
+        server = SchedulerServer(args.host, int(args.port), secret, config, ssl=ssl)
         try:
             address = await server.start()
         except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_module
 import time
 
 from ..protocol import Role
@@ -17,8 +18,16 @@ TICK_INTERVAL = 0.25
 
 
 class SchedulerServer:
-    def __init__(self, host: str, port: int, secret: bytes | None, config: SchedulerConfig = SchedulerConfig()) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        secret: bytes | None,
+        config: SchedulerConfig = SchedulerConfig(),
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         self.host = host
+        self.ssl = ssl
         self.port = port
         self.secret = secret
         self.config = config
@@ -31,11 +40,11 @@ class SchedulerServer:
 
     async def start(self) -> str:
         self._server = await start_server(
-            self.host, self.port, self.secret, frozenset({Role.CLIENT, Role.WORKER}), self._on_connection
+            self.host, self.port, self.secret, frozenset({Role.CLIENT, Role.WORKER}), self._on_connection, ssl=self.ssl
         )
         sockname = self._server.sockets[0].getsockname()
         host = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
-        self.address = f"tcp://{host}:{sockname[1]}"
+        self.address = f"{'tls' if self.ssl else 'tcp'}://{host}:{sockname[1]}"
         config = SchedulerConfig(**{**self.config.__dict__, "address": self.address})
         self.state = SchedulerState(config)
         self._dispatch(Ticked(time.monotonic()))

@@ -8,8 +8,9 @@ import sys
 
 from ..protocol.address import parse_address, read_scheduler_file
 from ..protocol.aio import configure_logging, run_daemon
-from ..protocol.options import env_default, positive
-from ..protocol.secret import SecretError, load_secret
+from ..protocol.options import add_tls_options, env_default, positive, tls_config
+from ..protocol.secret import load_secret
+from ..protocol.tls import client_context
 from .daemon import WorkerDaemon
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-file", default=None, help="file holding the shared secret (mode 0600)")
     p.add_argument("--death-timeout", type=positive(float), default=env_default("DEATH_TIMEOUT", 60.0),
                    help="seconds to keep trying to reach the scheduler before exiting 1 (default 60)")
+    add_tls_options(p)
     p.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -40,14 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         address = parse_address(args.address or read_scheduler_file(args.scheduler_file))
         secret = load_secret(args.secret_file)
+        ssl = client_context(tls_config(args)) if address.scheme == "tls" else None
     except (ValueError, OSError, KeyError) as exc:
         print(f"jobsched-worker: {exc}", file=sys.stderr)
         return 2
-    if address.scheme == "tls":
-        print("jobsched-worker: tls:// addresses are not supported yet", file=sys.stderr)
-        return 2
     daemon = WorkerDaemon(
-        address, nthreads=int(args.nthreads), name=args.name, secret=secret, death_timeout=float(args.death_timeout)
+        address, nthreads=int(args.nthreads), name=args.name, secret=secret,
+        death_timeout=float(args.death_timeout), ssl=ssl,
     )
     return run_daemon(daemon.run)
 

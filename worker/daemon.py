@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl as ssl_module
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -41,7 +42,9 @@ class WorkerDaemon:
         secret: bytes | None = None,
         death_timeout: float = 60.0,
         memory_limit: int = 0,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
+        self.ssl = ssl
         self.address = address
         self.nthreads = nthreads
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -60,7 +63,9 @@ class WorkerDaemon:
         try:
             while not stop.is_set():
                 try:
-                    conn = await open_connection(self.address.host, self.address.port, Role.WORKER, self.secret)
+                    conn = await open_connection(
+                        self.address.host, self.address.port, Role.WORKER, self.secret, ssl=self.ssl
+                    )
                 except HandshakeError as exc:
                     log.error("cannot join the scheduler at %s: %s", self.address, exc)
                     return 2
