@@ -55,8 +55,8 @@ class LocalCluster:
         self.address = ""
         try:
             self._start_scheduler(startup_timeout)
-            for _ in range(self.n_workers):
-                self.add_worker()
+            if self.n_workers:
+                self._start_workers()
         except BaseException:
             self.close()
             raise
@@ -90,21 +90,17 @@ class LocalCluster:
             time.sleep(0.02)
         self.address = read_scheduler_file(path)
 
-    def add_worker(self) -> subprocess.Popen:
-        """Start one more worker daemon; returns its process."""
+    def _start_workers(self) -> None:
+        """One supervisor running ``n_workers`` worker processes; it restarts any that crash."""
         env = self._env()
         threads = max(available_cores() // max(self.n_workers, 1), 1) * self.threads_per_worker
         for var in THREAD_LIMIT_VARS:
             env.setdefault(var, str(threads))
-        index = len(self.processes) - 1  # processes[0] is the scheduler
-        return self._spawn(
-            "jobsched.worker", self.address, "--nthreads", str(self.threads_per_worker),
-            "--name", f"local-{os.getpid()}-{index}", "--death-timeout", "10", env=env,
+        self._spawn(
+            "jobsched.worker", self.address, "--nworkers", str(self.n_workers),
+            "--nthreads", str(self.threads_per_worker), "--name", f"local-{os.getpid()}",
+            "--death-timeout", "10", "--drain-timeout", "5", env=env,
         )
-
-    @property
-    def worker_processes(self) -> list[subprocess.Popen]:
-        return self.processes[1:]
 
     def close(self, timeout: float = 5.0) -> None:
         """End every daemon (SIGTERM, then SIGKILL after ``timeout``) and remove the temp dir."""

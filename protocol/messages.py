@@ -154,6 +154,18 @@ class Heartbeat(Message):
     memory: int = 0
 
 
+# Worker statuses carried by WorkerStatus.
+RUNNING = "running"  # takes batches up to its slots
+PAUSED = "paused"  # over its memory high-water mark: takes no new batches
+RETIRING = "retiring"  # draining before a clean exit: takes no new batches, its loss is no death
+WORKER_STATUSES = (RUNNING, PAUSED, RETIRING)
+
+
+@message("worker-status")
+class WorkerStatus(Message):
+    status: str = RUNNING
+
+
 # ------------------------------------------------------------ client <-> scheduler
 
 

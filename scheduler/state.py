@@ -108,6 +108,12 @@ class WorkerRecord:
     memory: int = 0
     running: dict = field(default_factory=dict)  # task_id -> None, an ordered set
     completed: int = 0
+    status: str = m.RUNNING
+    last_words: str = ""  # the reason it gave before closing, if any
+
+    @property
+    def has_room(self) -> bool:
+        return self.status == m.RUNNING and len(self.running) < self.nthreads
 
 
 @dataclass(slots=True)
@@ -166,6 +172,10 @@ class SchedulerState:
                 self._on_task_done(worker, msg, out)  # type: ignore[arg-type]
             elif kind is m.Heartbeat:
                 worker.memory = msg.memory  # type: ignore[attr-defined]
+            elif kind is m.WorkerStatus:
+                self._on_worker_status(worker, msg.status, out)  # type: ignore[attr-defined]
+            elif kind is m.Closing:
+                worker.last_words = msg.reason[:500]  # type: ignore[attr-defined]
             elif kind is m.InfoRequest:
                 out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))  # type: ignore[attr-defined]
             else:
@@ -205,6 +215,19 @@ class SchedulerState:
         self.free_workers[conn] = worker
         out.append(Send(conn, m.Welcome(name, self.config.heartbeat_interval)))
 
+    def _on_worker_status(self, worker: WorkerRecord, status: str, out: list[Command]) -> None:
+        if status not in m.WORKER_STATUSES:
+            out.append(Close(worker.conn, f"invalid worker status {status[:20]!r}"))
+            self._on_disconnect(worker.conn, out)
+            return
+        if worker.status == m.RETIRING:
+            return  # retiring is final
+        worker.status = status
+        if worker.has_room:
+            self.free_workers.setdefault(worker.conn, worker)
+        else:
+            self.free_workers.pop(worker.conn, None)
+
     def _on_task_done(self, worker: WorkerRecord, msg: m.TaskDone, out: list[Command]) -> None:
         task = self.tasks.get(msg.task_id)
         if task is None or task.worker != worker.conn or task.attempt != msg.attempt:
@@ -224,8 +247,8 @@ class SchedulerState:
     def _release_slot(self, worker: WorkerRecord, task: TaskRecord) -> None:
         del worker.running[task.task_id]
         task.worker = None
-        if worker.conn not in self.free_workers:
-            self.free_workers[worker.conn] = worker
+        if worker.has_room:
+            self.free_workers.setdefault(worker.conn, worker)
         call = self._call_of(task)
         if call is not None:
             del call.running[task.task_id]
@@ -251,15 +274,17 @@ class SchedulerState:
             if task.cancelled:
                 del self.tasks[task_id]
                 continue
-            task.deaths += 1
+            if worker.status != m.RETIRING:  # a clean exit is no death
+                task.deaths += 1
             call = self._call_of(task)
             assert call is not None
             del call.running[task_id]
             if task.deaths >= self.config.max_deaths:
                 del self.tasks[task_id]
+                last = f"{worker.name}: {worker.last_words}" if worker.last_words else worker.name
                 reason = (
                     f"batch of {task.func_name} was running on {task.deaths} workers that died "
-                    f"(last: {worker.name}); giving up after {self.config.max_deaths}"
+                    f"(last: {last}); giving up after {self.config.max_deaths}"
                 )
                 out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.LOST, worker.name, reason)))
             else:
@@ -312,7 +337,7 @@ class SchedulerState:
             worker.running[task.task_id] = None
             call.running[task.task_id] = None
             out.append(Send(conn, m.Execute(task.task_id, task.attempt, task.func_name, task.frames)))
-            if len(worker.running) < worker.nthreads:
+            if worker.has_room:
                 free[conn] = worker  # back of the line
             if call.ready:
                 ready[key] = call
@@ -353,6 +378,7 @@ class SchedulerState:
                     "completed": w.completed,
                     "memory": w.memory,
                     "memory_limit": w.memory_limit,
+                    "status": w.status,
                 }
                 for w in self.workers.values()
             },
@@ -366,7 +392,7 @@ class SchedulerState:
         """Check the invariants; tests call this after every step."""
         for worker in self.workers.values():
             assert len(worker.running) <= worker.nthreads, worker
-            assert (worker.conn in self.free_workers) == (len(worker.running) < worker.nthreads), worker
+            assert (worker.conn in self.free_workers) == worker.has_room, worker
             for task_id in worker.running:
                 assert self.tasks[task_id].worker == worker.conn
         for conn in self.free_workers:

@@ -1,4 +1,8 @@
-"""``jobsched-worker``: the worker daemon's command line."""
+"""``jobsched-worker``: the worker daemon's command line.
+
+By default it runs a supervisor with ``--nworkers`` worker processes (one by
+default) that restarts crashed ones; ``--no-nanny`` runs one worker in this process.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +15,52 @@ from ..protocol.aio import configure_logging, run_daemon
 from ..protocol.options import add_tls_options, env_default, positive, tls_config
 from ..protocol.secret import load_secret
 from ..protocol.tls import client_context
-from .daemon import WorkerDaemon
+from .daemon import WorkerDaemon, cli_status
+from .memory import parse_memory_limit
+from .supervisor import Supervisor, child_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jobsched-worker",
-        description="Run a jobsched worker: it joins the scheduler and runs the batches it is given.",
-        epilog="The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE.",
+        description="Run jobsched worker processes: they join the scheduler and run the batches they are given.",
+        epilog="The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE. "
+        "Exit status: 0 stopped, 1 scheduler unreachable for --death-timeout, 2 configuration error.",
     )
     p.add_argument("address", nargs="?", default=env_default("SCHEDULER", None),
-                   help="scheduler address: tcp://host:port or host:port (or JOBSCHED_SCHEDULER)")
+                   help="scheduler address: tcp://host:port, tls://host:port or host:port (or JOBSCHED_SCHEDULER)")
     p.add_argument("--scheduler-file", default=env_default("SCHEDULER_FILE", None), help="read the scheduler address from this file")
-    p.add_argument("--nthreads", type=positive(int), default=env_default("NTHREADS", 1), help="batches run at once (default 1)")
-    p.add_argument("--name", default=env_default("NAME", ""), help="worker name (default host-pid); must be unique")
+    p.add_argument("--nthreads", type=positive(int), default=env_default("NTHREADS", 1), help="batches each process runs at once (default 1)")
+    p.add_argument("--nworkers", type=positive(int), default=env_default("NWORKERS", 1),
+                   help="worker processes under this supervisor (default 1)")
+    p.add_argument("--name", default=env_default("NAME", ""), help="worker name (default host-pid; with --nworkers, NAME-i); must be unique")
+    p.add_argument("--memory-limit", default=env_default("MEMORY_LIMIT", "0"),
+                   help="per process: bytes, 4GiB, a fraction of RAM (0.5), or auto (RAM or cgroup limit / nworkers); "
+                   "above 80%% a process takes no new batches, past the limit it is restarted (default: none)")
     p.add_argument("--secret-file", default=None, help="file holding the shared secret (mode 0600)")
     p.add_argument("--death-timeout", type=positive(float), default=env_default("DEATH_TIMEOUT", 60.0),
                    help="seconds to keep trying to reach the scheduler before exiting 1 (default 60)")
+    p.add_argument("--drain-timeout", type=positive(float), default=env_default("DRAIN_TIMEOUT", 30.0),
+                   help="on SIGTERM, seconds to let running batches finish (default 30)")
+    p.add_argument("--cancel-grace", type=positive(float), default=env_default("CANCEL_GRACE", 10.0),
+                   help="a cancelled batch still running after this many seconds gets its process restarted (default 10)")
+    p.add_argument("--no-nanny", action="store_true", help="run one worker in this process, without a supervisor")
     add_tls_options(p)
     p.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def _child_argv(args: argparse.Namespace, address: str, index: int, memory_limit: int) -> list[str]:
+    argv = [*child_command(), address, "--no-nanny", "--nthreads", str(args.nthreads),
+            "--death-timeout", str(args.death_timeout), "--drain-timeout", str(args.drain_timeout),
+            "--cancel-grace", str(args.cancel_grace), "--memory-limit", str(memory_limit), "--log-level", args.log_level]
+    if args.name:
+        argv += ["--name", args.name if args.nworkers == 1 else f"{args.name}-{index}"]
+    for option in ("secret_file", "tls_cert", "tls_key", "tls_ca_file"):
+        value = getattr(args, option)
+        if value:
+            argv += ["--" + option.replace("_", "-"), value]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,16 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the scheduler address (tcp://host:port) or --scheduler-file")
     try:
         address = parse_address(args.address or read_scheduler_file(args.scheduler_file))
+        memory_limit = parse_memory_limit(args.memory_limit, int(args.nworkers))
         secret = load_secret(args.secret_file)
         ssl = client_context(tls_config(args)) if address.scheme == "tls" else None
     except (ValueError, OSError, KeyError) as exc:
         print(f"jobsched-worker: {exc}", file=sys.stderr)
         return 2
+    if not args.no_nanny:
+        argvs = [_child_argv(args, str(address), i, memory_limit) for i in range(int(args.nworkers))]
+        return Supervisor(argvs, memory_limit=memory_limit, drain_timeout=float(args.drain_timeout)).run()
     daemon = WorkerDaemon(
         address, nthreads=int(args.nthreads), name=args.name, secret=secret,
-        death_timeout=float(args.death_timeout), ssl=ssl,
+        death_timeout=float(args.death_timeout), memory_limit=memory_limit, ssl=ssl,
+        drain_timeout=float(args.drain_timeout), cancel_grace=float(args.cancel_grace),
+        supervised=os.environ.get("JOBSCHED_SUPERVISED") == "1",
     )
-    return run_daemon(daemon.run)
+    return cli_status(run_daemon(daemon.run))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,14 @@ It wires three pieces together: the connection (``protocol.aio``), the pure
 ``WorkerState`` and a thread pool running ``executor.run_batch``.  When the
 scheduler goes away it reconnects with exponential backoff, and gives up after
 ``death_timeout`` seconds without a scheduler (exit status 1, so a service
-manager restarts it).
+manager restarts it).  On SIGTERM it drains: it tells the scheduler it is
+retiring, finishes its running batches (up to ``drain_timeout``) and leaves.
+
+Exit statuses, chosen apart from the small numbers user code passes to
+``os._exit``: 0 clean stop, 70 scheduler gone for ``death_timeout``, 78 fatal
+configuration error (wrong secret, refused), 75 restart requested (memory limit
+exceeded, or a cancelled batch overran its grace period; see supervisor.py).
+The command line turns 70 into 1 and 78 into 2.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import logging
 import os
 import socket
 import ssl as ssl_module
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -23,9 +32,20 @@ from ..protocol import messages as m
 from ..protocol.address import Address
 from ..protocol.aio import Connection, open_connection
 from .executor import run_batch
-from .state import CancelReceived, ExecuteReceived, SendMessage, StartTask, TaskCompleted, WorkerState
+from .state import CancelReceived, ExecuteReceived, RetireRequested, SendMessage, StartTask, TaskCompleted, WorkerState
 
 log = logging.getLogger("jobsched.worker")
+
+EXIT_SCHEDULER_GONE = 70
+EXIT_FATAL = 78
+EXIT_RESTART = 75
+PAUSE_FRACTION = 0.8  # of the memory limit: take no new batches above this
+RESUME_FRACTION = 0.7
+
+
+def cli_status(code: int) -> int:
+    """The status the command line exits with for a daemon status."""
+    return {EXIT_SCHEDULER_GONE: 1, EXIT_FATAL: 2}.get(code, code)
 
 
 class FatalWorkerError(Exception):
@@ -43,21 +63,34 @@ class WorkerDaemon:
         death_timeout: float = 60.0,
         memory_limit: int = 0,
         ssl: ssl_module.SSLContext | None = None,
+        drain_timeout: float = 30.0,
+        cancel_grace: float = 10.0,
+        supervised: bool = False,
     ) -> None:
-        self.ssl = ssl
         self.address = address
         self.nthreads = nthreads
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.secret = secret
         self.death_timeout = death_timeout
         self.memory_limit = memory_limit
+        self.ssl = ssl
+        self.drain_timeout = drain_timeout
+        self.cancel_grace = cancel_grace
+        self.supervised = supervised
         self.pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="jobsched-task")
         self._process = psutil.Process()
         self._session = 0
+        self._conn: Connection | None = None
+        self._state: WorkerState | None = None
+        self._exit_code: int | None = None
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (exit 0) or the scheduler is gone for good (exit 1)."""
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop = stop
+        if self.memory_limit:
+            threading.Thread(target=self._watch_memory, name="jobsched-memory", daemon=True).start()
         lost_since = loop.time()
         delay = 0.1
         try:
@@ -68,11 +101,11 @@ class WorkerDaemon:
                     )
                 except HandshakeError as exc:
                     log.error("cannot join the scheduler at %s: %s", self.address, exc)
-                    return 2
+                    return EXIT_FATAL
                 except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
                     if loop.time() - lost_since > self.death_timeout:
                         log.error("no scheduler at %s for %.0f s (--death-timeout); exiting", self.address, self.death_timeout)
-                        return 1
+                        return EXIT_SCHEDULER_GONE
                     log.info("scheduler at %s unreachable (%s); retrying in %.1f s", self.address, exc, delay)
                     await _wait_or_stop(stop, delay)
                     delay = min(delay * 2, 5.0)
@@ -82,11 +115,13 @@ class WorkerDaemon:
                     await self._session_loop(conn, stop)
                 except FatalWorkerError as exc:
                     log.error("%s", exc)
-                    return 2
+                    return EXIT_FATAL
+                if self._exit_code is not None:
+                    return self._exit_code
                 lost_since = loop.time()
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
-        return 0
+        return self._exit_code or 0
 
     async def _session_loop(self, conn: Connection, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -95,6 +130,7 @@ class WorkerDaemon:
         state = WorkerState(self.nthreads)
         closed = loop.create_future()
         welcomed = loop.create_future()
+        drained = asyncio.Event()
 
         def carry_out(commands) -> None:
             for command in commands:
@@ -102,6 +138,8 @@ class WorkerDaemon:
                     conn.send(command.message)
                 elif type(command) is StartTask:
                     start(command)
+            if state.idle:
+                drained.set()
 
         def start(command: StartTask) -> None:
             future = self.pool.submit(run_batch, command.frames)
@@ -119,9 +157,13 @@ class WorkerDaemon:
         def on_message(_conn: Connection, message: m.Message) -> None:
             kind = type(message)
             if kind is m.Execute:
+                drained.clear()
                 carry_out(state.handle(ExecuteReceived(message)))  # type: ignore[arg-type]
             elif kind is m.Cancel:
-                carry_out(state.handle(CancelReceived(message.task_id, message.attempt)))  # type: ignore[attr-defined]
+                key = (message.task_id, message.attempt)  # type: ignore[attr-defined]
+                carry_out(state.handle(CancelReceived(*key)))
+                if key in state.running:
+                    loop.call_later(self.cancel_grace, self._cancel_overran, state, key)
             elif kind is m.Welcome and not welcomed.done():
                 welcomed.set_result(message)
             elif kind is m.Closing:
@@ -139,10 +181,11 @@ class WorkerDaemon:
         if welcomed not in done:
             reason = closed.result() if closed.done() else "no welcome within 30 s"
             conn.close(reason)
-            if "already registered" in reason or "nthreads" in reason:
+            if "nthreads" in reason:
                 raise FatalWorkerError(f"the scheduler refused this worker: {reason}")
             log.warning("registration with %s failed: %s", self.address, reason)
             return
+        self._conn, self._state = conn, state
         interval = welcomed.result().heartbeat_interval
         log.info("worker %s joined the scheduler at %s with %d threads", self.name, self.address, self.nthreads)
         stopper = loop.create_task(stop.wait())
@@ -152,10 +195,77 @@ class WorkerDaemon:
                 conn.send(m.Heartbeat(self._process.memory_info().rss))
         finally:
             stopper.cancel()
-        if stop.is_set():
-            conn.close("worker shutting down")
-        else:
+        if stop.is_set() and not closed.done() and self._exit_code is None:
+            await self._drain(conn, state, drained)
+        elif closed.done():
             log.warning("lost the scheduler at %s: %s", self.address, closed.result())
+
+    async def _drain(self, conn: Connection, state: WorkerState, drained: asyncio.Event) -> None:
+        """Retire: take no new batches, finish the running ones, then leave cleanly."""
+        conn.send(m.WorkerStatus(m.RETIRING))
+        state.handle(RetireRequested())
+        if state.idle:
+            drained.set()
+        if not drained.is_set():
+            log.info("draining %d running batches (up to %.0f s)", len(state.running), self.drain_timeout)
+        try:
+            await asyncio.wait_for(drained.wait(), self.drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timed out with %d batches running; they will be rerun elsewhere", len(state.running))
+        conn.send(m.Closing("worker shutting down"))
+        conn.close("worker shutting down")
+
+    # ------------------------------------------------------------ restarts
+    def _restart(self, reason: str, *, clean: bool) -> None:
+        """Leave so the supervisor starts a fresh process; ``clean``: running batches are no deaths."""
+        if self._exit_code is not None:
+            return
+        self._exit_code = EXIT_RESTART
+        log.warning("restarting: %s", reason)
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            if clean:
+                conn.send(m.WorkerStatus(m.RETIRING))
+            conn.send(m.Closing(reason))
+            conn.close(reason)
+        self._stop.set()
+        # threads running user code cannot be stopped: leave the process once the goodbye is out
+        self._loop.call_later(0.2, os._exit, EXIT_RESTART)
+
+    def _cancel_overran(self, state: WorkerState, key: tuple[int, int]) -> None:
+        if key not in state.running:
+            return
+        func = state.running[key]
+        if self.supervised:
+            self._restart(f"a cancelled batch of {func} overran its {self.cancel_grace:.0f} s grace period", clean=True)
+        else:
+            log.warning("a cancelled batch of %s is still running after %.0f s; its slot stays busy until it ends "
+                        "(run under a supervisor, the default, to have the process restarted)", func, self.cancel_grace)
+
+    def _watch_memory(self) -> None:
+        """Pause above the high-water mark; restart past the limit.  A thread, so it runs even
+        while the event loop waits on a task that holds the GIL between bytecodes."""
+        paused = False
+        while True:
+            time.sleep(0.05)
+            rss = self._process.memory_info().rss
+            if rss > self.memory_limit:
+                running = ", ".join(self._state.running.values()) if self._state else ""
+                reason = (f"exceeded its memory limit ({rss / 2**20:.0f} MiB > {self.memory_limit / 2**20:.0f} MiB)"
+                          + (f" while running {running}" if running else ""))
+                self._loop.call_soon_threadsafe(lambda: self._restart(reason, clean=False))
+                return
+            want_pause = rss > PAUSE_FRACTION * self.memory_limit or (paused and rss > RESUME_FRACTION * self.memory_limit)
+            if want_pause != paused:
+                paused = want_pause
+                status = m.PAUSED if paused else m.RUNNING
+                log.warning("memory %.0f MiB of %.0f MiB: %s", rss / 2**20, self.memory_limit / 2**20,
+                            "pausing" if paused else "resuming")
+                self._loop.call_soon_threadsafe(self._send_status, status)
+
+    def _send_status(self, status: str) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.send(m.WorkerStatus(status))
 
 
 async def _wait_or_stop(stop: asyncio.Event, delay: float) -> None:

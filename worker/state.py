@@ -36,7 +36,12 @@ class TaskCompleted:
     duration: float
 
 
-Event = Union[ExecuteReceived, CancelReceived, TaskCompleted]
+@dataclass(frozen=True, slots=True)
+class RetireRequested:
+    """Stop starting batches: the daemon is draining before a clean exit."""
+
+
+Event = Union[ExecuteReceived, CancelReceived, TaskCompleted, RetireRequested]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +67,16 @@ class WorkerState:
     running: dict = field(default_factory=dict)  # TaskKey -> func_name
     cancelled: set = field(default_factory=set)  # running TaskKeys whose result is unwanted
     completed: int = 0
+    retiring: bool = False
 
     def handle(self, event: Event) -> list[Command]:
         out: list[Command] = []
         if type(event) is ExecuteReceived:
-            self.waiting.append(event.message)
+            if not self.retiring:  # when retiring, the scheduler requeues what we never started
+                self.waiting.append(event.message)
+        elif type(event) is RetireRequested:
+            self.retiring = True
+            self.waiting.clear()
         elif type(event) is CancelReceived:
             self._cancel((event.task_id, event.attempt), out)
         elif type(event) is TaskCompleted:
@@ -100,3 +110,8 @@ class WorkerState:
         assert len(self.running) <= self.nthreads
         assert self.cancelled <= set(self.running)
         assert not (self.waiting and len(self.running) < self.nthreads)
+        assert not (self.retiring and self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting

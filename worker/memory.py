@@ -1,0 +1,56 @@
+"""Memory limits: parsing ``--memory-limit`` and finding what the machine (or its cgroup) allows."""
+
+from __future__ import annotations
+
+import re
+
+import psutil
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_CGROUP_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def available_memory() -> int:
+    """Total RAM, or the cgroup's limit if lower (a systemd ``MemoryMax=``, a container)."""
+    total = psutil.virtual_memory().total
+    for path in _CGROUP_FILES:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def parse_memory_limit(text: str | int | float | None, nprocesses: int = 1) -> int:
+    """Bytes per process for ``--memory-limit``; 0 means no limit.
+
+    Accepts a byte count, a size with a unit (``4GiB``, ``500MB``), a fraction of the
+    available memory (``0.5``), ``auto`` (the available memory shared among
+    ``nprocesses``), or ``0``/``none`` for no limit.  Raises ValueError naming the value.
+    """
+    if text is None:
+        return 0
+    raw = str(text).strip().lower()
+    if raw in ("", "0", "none", "off"):
+        return 0
+    if raw == "auto":
+        return available_memory() // max(nprocesses, 1)
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", raw)
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(f"invalid memory limit {text!r}: use bytes, a size like 4GiB or 500MB, a fraction like 0.5, or auto")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit == "" and number <= 1:
+        if number <= 0:
+            raise ValueError(f"invalid memory limit {text!r}: must be positive")
+        return int(available_memory() * number)
+    value = int(number * _UNITS[unit])
+    if value < 2**20:
+        raise ValueError(f"invalid memory limit {text!r}: under 1 MiB, no worker could run")
+    return value
