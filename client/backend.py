@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 from ..protocol.serialize import dumps
 from .client import Client, current_client
 from .errors import NoWorkersError
+from .scatter import DEFAULT_AUTO_THRESHOLD, dumps_batch, new_key
 
 _shared_clients: dict[tuple, Client] = {}
 _shared_lock = threading.Lock()
@@ -49,7 +51,12 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     ``capture_warnings`` (default True): re-issue the tasks' warnings in the caller;
     ``forward_logging`` (default ``logging.WARNING``): forward the tasks' log records at this
     level and above to the caller's loggers (``None`` or ``False``: off);
-    ``output_cap`` (default 1 MiB): output kept per batch, the rest is cut with a note.
+    ``output_cap`` (default 1 MiB): output kept per batch, the rest is cut with a note;
+    ``scatter``: objects to send to the cluster once when the context opens; tasks given
+    them (by identity) use the worker's copy;
+    ``auto_scatter_threshold`` (default 2 MiB, 0 disables): numpy/pandas/scipy.sparse
+    arguments at least this large are scattered automatically and deduplicated across
+    the batches and calls of this context.  Scattered data is freed when the context exits.
     """
 
     supports_retrieve_callback = True
@@ -68,6 +75,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         capture_warnings: bool = True,
         forward_logging: int | bool | None = logging.WARNING,
         output_cap: int = 1 << 20,
+        scatter: Any = None,
+        auto_scatter_threshold: int = DEFAULT_AUTO_THRESHOLD,
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
         **kwargs: Any,
@@ -85,9 +94,17 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
             "output_cap": int(output_cap),
         }
         self.client: Client | None = None
+        self.auto_scatter_threshold = int(auto_scatter_threshold or 0)
+        self._refs: dict[int, tuple[str, Any]] = {}  # id(obj) -> (key, obj): scattered by this context
+        self._owned_keys: list[str] = []
         self._context: dict = {}
         self._call_id = 0
         self._max_running = 0
+        if scatter is not None:
+            self.client = self._resolve_client()
+            for obj in scatter if isinstance(scatter, (list, tuple)) else [scatter]:
+                if id(obj) not in self._refs:
+                    self._register(obj, broadcast=True)
 
     # ----------------------------------------------------------- joblib API
     def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None, require: Any = None, **kwargs: Any) -> int:
@@ -123,8 +140,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def submit(self, func: Callable, callback: Callable | None = None) -> Future:
         assert self.client is not None
+        frames, keys = dumps_batch((func, self._context), self._refs, self.auto_scatter_threshold, self._register)
         future = self.client.submit_batch(
-            dumps((func, self._context)), call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running
+            frames, keys=keys, call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running
         )
         if callback is not None:
             future.add_done_callback(callback)
@@ -145,8 +163,22 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def terminate(self) -> None:
         self.reset_batch_stats()
+        # break the backend <-> Parallel cycle, so that this backend (and the data it
+        # scattered) is freed as soon as its parallel_config context exits
+        self.parallel = None
 
     # ------------------------------------------------------------ internals
+    def _register(self, obj: Any, nbytes: int = 0, broadcast: bool = False) -> str:
+        """Scatter ``obj`` for the lifetime of this backend (the parallel_config context)."""
+        assert self.client is not None
+        key = new_key(obj)
+        self.client.register_data(key, dumps(obj), broadcast=broadcast)
+        self._refs[id(obj)] = (key, obj)
+        if not self._owned_keys:
+            weakref.finalize(self, _release, weakref.ref(self.client), self._owned_keys)
+        self._owned_keys.append(key)
+        return key
+
     def _resolve_client(self) -> Client:
         if isinstance(self.scheduler, Client):
             if self.scheduler.closed:
@@ -165,6 +197,12 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
                 "start one with: jobsched-worker " + str(client.address)
             ) from None
         return client.total_slots()
+
+
+def _release(client_ref: "weakref.ref[Client]", keys: list[str]) -> None:
+    client = client_ref()
+    if client is not None and not client.closed:
+        client.release(keys)
 
 
 def register() -> None:

@@ -28,11 +28,12 @@ from ..protocol import messages as m
 from ..protocol.address import parse_address, read_scheduler_file
 from ..protocol.aio import Connection, new_event_loop, open_connection
 from ..protocol.secret import load_secret
-from ..protocol.serialize import load_exception, loads
+from ..protocol.serialize import dumps, load_exception, loads
 from ..protocol.tls import TLSConfig, client_context
 from .errors import ClusterError, NoWorkersError, SchedulerUnreachableError, WorkerLostError
 from .local_cluster import LocalCluster
 from .replay import replay
+from .scatter import ScatteredRef, new_key
 
 log = logging.getLogger("jobsched.client")
 
@@ -102,6 +103,7 @@ class Client:
         self._wakeup_scheduled = False
         self._conn: Connection | None = None
         self._results: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._data: dict[str, tuple] = {}  # scattered by us: key -> pickled frames, until released
 
         self._loop = new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="jobsched-client-io", daemon=True)
@@ -144,6 +146,10 @@ class Client:
                 request = self._requests.pop(message.request_id, None)  # type: ignore[attr-defined]
                 if request is not None:
                     request.set_result(message.info)  # type: ignore[attr-defined]
+            elif kind is m.UploadRequest:
+                frames = self._data.get(message.key)  # type: ignore[attr-defined]
+                if frames is not None:  # else released meanwhile: the scheduler forgot it too
+                    conn.send(m.DataUpload(message.key, frames))  # type: ignore[attr-defined]
             elif kind is m.Welcome:
                 if not welcomed.done():
                     welcomed.set_result(message)
@@ -161,6 +167,8 @@ class Client:
         conn.send(m.RegisterClient(self.name, os.getpid(), socket.gethostname()))
         await asyncio.wait_for(welcomed, self.timeout)
         self._conn = conn
+        for key, frames in self._data.items():  # a restarted scheduler knows none of our data
+            conn.send(m.DataRegister(key, m.frames_nbytes(frames), False))
         self._flush_outbox()
 
     def ensure_connected(self) -> None:
@@ -198,7 +206,9 @@ class Client:
         for message in messages:
             conn.send(message)
 
-    def submit_batch(self, frames: list, *, call_id: int, func_name: str, max_running: int = 0) -> Future:
+    def submit_batch(
+        self, frames: list, *, call_id: int, func_name: str, max_running: int = 0, keys: list[str] | None = None
+    ) -> Future:
         """Send a pickled batch; the returned future resolves to its result (or exception)."""
         future: Future = Future()
         batch_id = next(self._batch_ids)
@@ -207,7 +217,7 @@ class Client:
             future.set_exception(SchedulerUnreachableError(f"not connected to the scheduler at {self.address}"))
             return future
         self._pending[batch_id] = (future, call_id)
-        self._send(m.SubmitBatch(batch_id, call_id, func_name[:200], max_running, tuple(frames)))
+        self._send(m.SubmitBatch(batch_id, call_id, func_name[:200], max_running, tuple(frames), keys or []))
         return future
 
     def new_call_id(self) -> int:
@@ -219,6 +229,33 @@ class Client:
             self._pending.pop(batch_id, None)
         if self._conn is not None and not self._conn.closed:
             self._send(m.CancelCall(call_id))
+
+    # --------------------------------------------------------- scattered data
+    def scatter(self, obj: Any, broadcast: bool = False) -> ScatteredRef:
+        """Send ``obj`` to the cluster once; pass the returned reference as a task argument.
+
+        Workers fetch it when a task needs it (from each other when one has it);
+        ``broadcast=True`` copies it to every worker now.  It is freed when the
+        reference is garbage collected, or when this Client closes.
+        """
+        self._check_open()
+        frames = dumps(obj)
+        key = new_key(obj)
+        ref = ScatteredRef(key, m.frames_nbytes(frames))
+        self.register_data(key, frames, broadcast=broadcast)
+        weakref.finalize(ref, self.release, [key])
+        return ref
+
+    def register_data(self, key: str, frames: list, *, broadcast: bool = False) -> None:
+        """Make pickled ``frames`` available to the workers under ``key`` (kept until released)."""
+        self._data[key] = tuple(frames)
+        self._send(m.DataRegister(key, m.frames_nbytes(frames), broadcast))
+
+    def release(self, keys: list[str]) -> None:
+        """Free scattered data on every worker and here."""
+        keys = [k for k in keys if self._data.pop(k, None) is not None]
+        if keys and not self.closed:
+            self._send(m.ReleaseData(keys))
 
     # -------------------------------------------------------------- receiving
     def _run_callbacks(self) -> None:
@@ -328,6 +365,7 @@ class Client:
             if not future.done():
                 future.set_exception(ClusterError("the Client was closed"))
         self._pending = {}
+        self._data = {}
         if self._owns_cluster and self.cluster is not None:
             self.cluster.close()
 

@@ -53,7 +53,7 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     if not host:
         raise ValueError(f"invalid address {text!r}: no host")
     if port_text:
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise ValueError(f"invalid address {text!r}: port must be a number from 0 to 65535")
         port = int(port_text)
     else:

@@ -38,6 +38,7 @@ class Message:
 
 _REGISTRY: dict[str, type[Message]] = {}
 _FIELDS: dict[type[Message], tuple[tuple[str, Callable[[Any], bool]], ...]] = {}
+_NAMES: dict[type[Message], tuple[str, ...]] = {}
 
 
 def _checker(tp: Any) -> Callable[[Any], bool]:
@@ -74,6 +75,7 @@ def message(op: str) -> Callable[[type], type]:
         _FIELDS[cls] = tuple(
             (f.name, _checker(hints[f.name])) for f in dataclasses.fields(cls) if f.name != "frames"
         )
+        _NAMES[cls] = tuple(name for name, _ in _FIELDS[cls])
         _REGISTRY[op] = cls
         return cls
 
@@ -104,11 +106,12 @@ def decode(frame: Frame) -> Message:
     for (name, check), value in zip(fields, items[1:]):
         if not check(value):
             raise MalformedMessage(f"{cls.op}: field {name!r} has invalid type {type(value).__name__}")
+    values = dict(zip(_NAMES[cls], items[1:]))
     if "frames" in cls.__dataclass_fields__:
-        return cls(*items[1:], frames=frame.buffers)
+        return cls(**values, frames=frame.buffers)
     if frame.buffers:
         raise MalformedMessage(f"{cls.op}: carries no buffers")
-    return cls(*items[1:])
+    return cls(**values)
 
 
 def registry() -> dict[str, type[Message]]:
@@ -132,6 +135,7 @@ class RegisterWorker(Message):
     pid: int = 0
     host: str = ""
     memory_limit: int = 0
+    data_address: str = ""  # where peers fetch the data this worker holds
 
 
 @message("welcome")
@@ -178,6 +182,7 @@ class SubmitBatch(Message):
     func_name: str = ""
     max_running: int = 0
     frames: tuple = dataclasses.field(default=(), repr=False)
+    keys: list[str] = dataclasses.field(default_factory=list)  # scattered data the batch needs
 
 
 @message("cancel-call")
@@ -214,6 +219,7 @@ class Execute(Message):
     attempt: int = 0
     func_name: str = ""
     frames: tuple = dataclasses.field(default=(), repr=False)
+    keys: list[str] = dataclasses.field(default_factory=list)
 
 
 @message("cancel")
@@ -228,6 +234,89 @@ class TaskDone(Message):
     attempt: int = 0
     status: str = OK
     duration: float = 0.0
+    frames: tuple = dataclasses.field(default=(), repr=False)
+
+
+# ------------------------------------------------------------ scattered data
+# Flow: the client registers a key (no bytes).  A worker that needs it asks the
+# scheduler (NeedData); the scheduler names workers that hold it (DataSources)
+# and the worker fetches it peer to peer from their data servers (FetchData /
+# DataReply).  If no worker holds it, the scheduler asks the owning client for
+# its copy (UploadRequest / DataUpload) and relays it to one worker (StoreData);
+# every other worker then fetches it from that one.
+
+
+@message("data-register")
+class DataRegister(Message):
+    """Client -> scheduler: a key it owns; ``broadcast`` copies it to every worker now."""
+
+    key: str = ""
+    nbytes: int = 0
+    broadcast: bool = False
+
+
+@message("data-release")
+class ReleaseData(Message):
+    keys: list[str] = dataclasses.field(default_factory=list)
+
+
+@message("upload-request")
+class UploadRequest(Message):
+    key: str = ""
+
+
+@message("data-upload")
+class DataUpload(Message):
+    key: str = ""
+    frames: tuple = dataclasses.field(default=(), repr=False)
+
+
+@message("store-data")
+class StoreData(Message):
+    key: str = ""
+    frames: tuple = dataclasses.field(default=(), repr=False)
+
+
+@message("need-data")
+class NeedData(Message):
+    """Worker -> scheduler: it needs ``key``; ``from_owner``: peers failed, send the client's copy."""
+
+    key: str = ""
+    from_owner: bool = False
+
+
+@message("data-sources")
+class DataSources(Message):
+    key: str = ""
+    addresses: list[str] = dataclasses.field(default_factory=list)
+
+
+@message("data-missing")
+class DataMissing(Message):
+    key: str = ""
+    reason: str = ""
+
+
+@message("data-stored")
+class DataStored(Message):
+    key: str = ""
+    nbytes: int = 0
+
+
+@message("data-delete")
+class DeleteData(Message):
+    keys: list[str] = dataclasses.field(default_factory=list)
+
+
+@message("fetch-data")
+class FetchData(Message):
+    key: str = ""
+
+
+@message("data-reply")
+class DataReply(Message):
+    key: str = ""
+    found: bool = False
     frames: tuple = dataclasses.field(default=(), repr=False)
 
 

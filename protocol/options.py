@@ -15,7 +15,8 @@ def env_default(option: str, default: Any) -> Any:
 
 
 def port(text: str) -> int:
-    if not str(text).isdigit() or not 0 <= int(text) <= 65535:
+    text = str(text)
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"port must be a number from 0 to 65535, got {text!r}")
     return int(text)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cloudpickle
 
@@ -25,18 +25,23 @@ from .framing import Buffer
 OUT_OF_BAND_MIN = 64 * 1024
 
 
-def dumps(obj: Any) -> list[Buffer]:
-    """Pickle ``obj``; returns ``[pickle_stream, *out_of_band_buffers]``."""
-    buffers: list[Buffer] = []
+def out_of_band_collector(buffers: list) -> Callable[[pickle.PickleBuffer], bool]:
+    """A pickle ``buffer_callback`` that moves buffers of ``OUT_OF_BAND_MIN`` bytes or more to ``buffers``."""
 
-    def keep_large_out_of_band(buf: pickle.PickleBuffer) -> bool:
+    def collect(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
         if raw.nbytes < OUT_OF_BAND_MIN:
             return True  # true: serialize in band
         buffers.append(raw)
         return False
 
-    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large_out_of_band)
+    return collect
+
+
+def dumps(obj: Any) -> list[Buffer]:
+    """Pickle ``obj``; returns ``[pickle_stream, *out_of_band_buffers]``."""
+    buffers: list[Buffer] = []
+    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band_collector(buffers))
     return [stream, *buffers]
 
 
@@ -44,6 +49,25 @@ def loads(frames: Sequence[Buffer]) -> Any:
     if not frames:
         raise ValueError("empty payload")
     return pickle.loads(frames[0], buffers=frames[1:])
+
+
+# ---------------------------------------------------------------- scattered data
+# On a worker, the scattered objects it holds, by key.  A client pickles a
+# scattered object as a call to ``resolve_scattered(key)``, so the worker's copy
+# takes its place when a batch is unpickled.
+DATA_STORE: dict[str, Any] = {}
+
+
+def resolve_scattered(key: str) -> Any:
+    try:
+        return DATA_STORE[key]
+    except KeyError:
+        raise LookupError(f"scattered data {key!r} is not held by this worker") from None
+
+
+def loads_readonly(frames: Sequence[Buffer]) -> Any:
+    """Unpickle shared data: arrays built on the received buffers are read-only views, no copy."""
+    return pickle.loads(frames[0], buffers=[memoryview(b).toreadonly() for b in frames[1:]])
 
 
 class RemoteError(Exception):

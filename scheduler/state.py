@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from ..protocol import messages as m
+from .data import DataDirectory
 
 ConnId = int
 CallKey = tuple[ConnId, int]
@@ -77,6 +78,7 @@ class TaskRecord:
     func_name: str
     frames: tuple
     queued_at: float
+    keys: list = field(default_factory=list)  # scattered data it needs
     attempt: int = 0
     worker: ConnId | None = None
     deaths: int = 0
@@ -144,6 +146,7 @@ class SchedulerState:
         self.tasks: dict[int, TaskRecord] = {}
         self.ready_calls: dict[CallKey, CallRecord] = {}  # ordered: round robin
         self.free_workers: dict[ConnId, WorkerRecord] = {}  # ordered: round robin
+        self.data = DataDirectory()
         self._next_task_id = 1
         self.stale_results = 0
 
@@ -176,6 +179,10 @@ class SchedulerState:
                 self._on_worker_status(worker, msg.status, out)  # type: ignore[attr-defined]
             elif kind is m.Closing:
                 worker.last_words = msg.reason[:500]  # type: ignore[attr-defined]
+            elif kind is m.NeedData:
+                self.data.need(conn, msg.key, msg.from_owner, self._sender(out))  # type: ignore[attr-defined]
+            elif kind is m.DataStored:
+                self.data.stored(conn, msg.key, msg.nbytes, self._sender(out))  # type: ignore[attr-defined]
             elif kind is m.InfoRequest:
                 out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))  # type: ignore[attr-defined]
             else:
@@ -187,6 +194,12 @@ class SchedulerState:
                 self._on_submit(client, msg, out)  # type: ignore[arg-type]
             elif kind is m.CancelCall:
                 self._cancel_call(client, msg.call_id, out)  # type: ignore[attr-defined]
+            elif kind is m.DataRegister:
+                self._on_data_register(client, msg, out)  # type: ignore[arg-type]
+            elif kind is m.DataUpload:
+                self.data.upload(conn, msg.key, msg.frames, self._sender(out))  # type: ignore[attr-defined]
+            elif kind is m.ReleaseData:
+                self.data.release(conn, msg.keys, self._sender(out))  # type: ignore[attr-defined]
             elif kind is m.InfoRequest:
                 out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))  # type: ignore[attr-defined]
             else:
@@ -213,6 +226,7 @@ class SchedulerState:
         worker = WorkerRecord(conn, address, name, msg.nthreads, msg.host, msg.pid, msg.memory_limit, self.now)
         self.workers[conn] = worker
         self.free_workers[conn] = worker
+        self.data.worker_joined(conn, msg.data_address)
         out.append(Send(conn, m.Welcome(name, self.config.heartbeat_interval)))
 
     def _on_worker_status(self, worker: WorkerRecord, status: str, out: list[Command]) -> None:
@@ -260,11 +274,13 @@ class SchedulerState:
         worker = self.workers.pop(conn, None)
         if worker is not None:
             self.free_workers.pop(conn, None)
+            self.data.worker_left(conn, self._sender(out))
             self._requeue_lost(worker, out)
         client = self.clients.pop(conn, None)
         if client is not None:
             for call_id in list(client.calls):
                 self._cancel_call(client, call_id, out)
+            self.data.client_left(conn, self._sender(out))
 
     def _requeue_lost(self, worker: WorkerRecord, out: list[Command]) -> None:
         for task_id in reversed(list(worker.running)):  # reversed: appendleft keeps order
@@ -298,12 +314,27 @@ class SchedulerState:
         call = client.calls.get(msg.call_id)
         if call is None:
             call = client.calls[msg.call_id] = CallRecord((client.conn, msg.call_id), max(msg.max_running, 0))
-        task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name, msg.frames, self.now)
+        task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name, msg.frames, self.now, msg.keys)
         self._next_task_id += 1
         self.tasks[task.task_id] = task
         call.queue.append(task.task_id)
         if call.ready:
             self.ready_calls.setdefault(call.key, call)
+
+    def _on_data_register(self, client: ClientRecord, msg: m.DataRegister, out: list[Command]) -> None:
+        error = self.data.register(client.conn, msg.key, msg.nbytes)
+        if error is not None:
+            out.append(Close(client.conn, error))
+            self._on_disconnect(client.conn, out)
+            return
+        if msg.broadcast:
+            send = self._sender(out)
+            for conn in self.workers:
+                self.data.need(conn, msg.key, False, send)
+
+    @staticmethod
+    def _sender(out: list[Command]):
+        return lambda conn, message: out.append(Send(conn, message))
 
     def _cancel_call(self, client: ClientRecord, call_id: int, out: list[Command]) -> None:
         call = client.calls.pop(call_id, None)
@@ -329,18 +360,26 @@ class SchedulerState:
         while ready and free:
             key = next(iter(ready))
             call = ready.pop(key)
-            conn = next(iter(free))
-            worker = free.pop(conn)
             task = self.tasks[call.queue.popleft()]
+            conn = self._pick_worker(task)
+            worker = free.pop(conn)
             task.attempt += 1
             task.worker = conn
             worker.running[task.task_id] = None
             call.running[task.task_id] = None
-            out.append(Send(conn, m.Execute(task.task_id, task.attempt, task.func_name, task.frames)))
+            out.append(Send(conn, m.Execute(task.task_id, task.attempt, task.func_name, task.frames, task.keys)))
             if worker.has_room:
                 free[conn] = worker  # back of the line
             if call.ready:
                 ready[key] = call
+
+    def _pick_worker(self, task: TaskRecord) -> ConnId:
+        """A free worker, preferring one that already holds the task's data."""
+        for key in task.keys[:1]:
+            for conn in self.data.holders_of(key):
+                if conn in self.free_workers:
+                    return conn
+        return next(iter(self.free_workers))
 
     # ----------------------------------------------------------------- time
     def _on_tick(self, now: float, out: list[Command]) -> None:
@@ -379,6 +418,7 @@ class SchedulerState:
                     "memory": w.memory,
                     "memory_limit": w.memory_limit,
                     "status": w.status,
+                    **self.data.info(w.conn),
                 }
                 for w in self.workers.values()
             },
@@ -386,6 +426,7 @@ class SchedulerState:
             "queued": sum(len(c.queue) for cl in self.clients.values() for c in cl.calls.values()),
             "tasks": len(self.tasks),
             "stale_results": self.stale_results,
+            "data_keys": len(self.data.records),
         }
 
     def validate(self) -> None:
@@ -408,3 +449,4 @@ class SchedulerState:
         for task in self.tasks.values():
             if task.worker is not None:
                 assert task.task_id in self.workers[task.worker].running
+        self.data.validate()

@@ -14,7 +14,7 @@ from ..protocol.address import parse_address, read_scheduler_file
 from ..protocol.aio import configure_logging, run_daemon
 from ..protocol.options import add_tls_options, env_default, positive, tls_config
 from ..protocol.secret import load_secret
-from ..protocol.tls import client_context
+from ..protocol.tls import client_context, server_context
 from .daemon import WorkerDaemon, cli_status
 from .memory import parse_memory_limit
 from .supervisor import Supervisor, child_command
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         address = parse_address(args.address or read_scheduler_file(args.scheduler_file))
         memory_limit = parse_memory_limit(args.memory_limit, int(args.nworkers))
         secret = load_secret(args.secret_file)
-        ssl = client_context(tls_config(args)) if address.scheme == "tls" else None
+        tls = tls_config(args)
+        ssl = client_context(tls) if address.scheme == "tls" else None
+        data_ssl = server_context(tls) if tls.cert else None  # peers fetch data over TLS too
     except (ValueError, OSError, KeyError) as exc:
         print(f"jobsched-worker: {exc}", file=sys.stderr)
         return 2
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(argvs, memory_limit=memory_limit, drain_timeout=float(args.drain_timeout)).run()
     daemon = WorkerDaemon(
         address, nthreads=int(args.nthreads), name=args.name, secret=secret,
-        death_timeout=float(args.death_timeout), memory_limit=memory_limit, ssl=ssl,
+        death_timeout=float(args.death_timeout), memory_limit=memory_limit, ssl=ssl, data_ssl=data_ssl,
         drain_timeout=float(args.drain_timeout), cancel_grace=float(args.cancel_grace),
         supervised=os.environ.get("JOBSCHED_SUPERVISED") == "1",
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import socket
 import ssl as ssl_module
 import threading
@@ -31,8 +32,23 @@ from ..protocol import HandshakeError, Role
 from ..protocol import messages as m
 from ..protocol.address import Address
 from ..protocol.aio import Connection, open_connection
+from ..protocol.serialize import dump_exception
+from .data import DataService
 from .executor import run_batch
-from .state import CancelReceived, ExecuteReceived, RetireRequested, SendMessage, StartTask, TaskCompleted, WorkerState
+from .state import (
+    CancelReceived,
+    DataArrived,
+    DataDeleted,
+    DataUnavailable,
+    ExecuteReceived,
+    FailTask,
+    RequestData,
+    RetireRequested,
+    SendMessage,
+    StartTask,
+    TaskCompleted,
+    WorkerState,
+)
 
 log = logging.getLogger("jobsched.worker")
 
@@ -63,6 +79,7 @@ class WorkerDaemon:
         death_timeout: float = 60.0,
         memory_limit: int = 0,
         ssl: ssl_module.SSLContext | None = None,
+        data_ssl: ssl_module.SSLContext | None = None,
         drain_timeout: float = 30.0,
         cancel_grace: float = 10.0,
         supervised: bool = False,
@@ -78,6 +95,7 @@ class WorkerDaemon:
         self.cancel_grace = cancel_grace
         self.supervised = supervised
         self.pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="jobsched-task")
+        self.data = DataService(secret, data_ssl, ssl)
         self._process = psutil.Process()
         self._session = 0
         self._conn: Connection | None = None
@@ -121,6 +139,7 @@ class WorkerDaemon:
                 lost_since = loop.time()
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.data.close()
         return self._exit_code or 0
 
     async def _session_loop(self, conn: Connection, stop: asyncio.Event) -> None:
@@ -128,6 +147,7 @@ class WorkerDaemon:
         self._session += 1
         session = self._session
         state = WorkerState(self.nthreads)
+        self.data.delete(list(self.data.frames))  # a new session: the scheduler knows none of it
         closed = loop.create_future()
         welcomed = loop.create_future()
         drained = asyncio.Event()
@@ -138,6 +158,12 @@ class WorkerDaemon:
                     conn.send(command.message)
                 elif type(command) is StartTask:
                     start(command)
+                elif type(command) is RequestData:
+                    conn.send(m.NeedData(command.key))
+                elif type(command) is FailTask:
+                    error = LookupError(f"a batch could not get its scattered data: {command.reason}")
+                    frames = (*dump_exception(error), pickle.dumps([]))
+                    conn.send(m.TaskDone(command.task_id, command.attempt, m.ERROR, 0.0, frames))
             if state.idle:
                 drained.set()
 
@@ -164,6 +190,15 @@ class WorkerDaemon:
                 carry_out(state.handle(CancelReceived(*key)))
                 if key in state.running:
                     loop.call_later(self.cancel_grace, self._cancel_overran, state, key)
+            elif kind is m.StoreData:
+                arrived(message.key, message.frames)  # type: ignore[attr-defined]
+            elif kind is m.DataSources:
+                loop.create_task(fetch(message.key, message.addresses))  # type: ignore[attr-defined]
+            elif kind is m.DataMissing:
+                carry_out(state.handle(DataUnavailable(message.key, message.reason)))  # type: ignore[attr-defined]
+            elif kind is m.DeleteData:
+                self.data.delete(message.keys)  # type: ignore[attr-defined]
+                carry_out(state.handle(DataDeleted(tuple(message.keys))))  # type: ignore[attr-defined]
             elif kind is m.Welcome and not welcomed.done():
                 welcomed.set_result(message)
             elif kind is m.Closing:
@@ -171,12 +206,37 @@ class WorkerDaemon:
             else:
                 conn.abort(f"unexpected {message.op!r} from the scheduler")
 
+        def arrived(key: str, frames: tuple) -> None:
+            if session != self._session or conn.closed:
+                return
+            try:
+                nbytes = self.data.store(key, frames)
+            except Exception as exc:  # noqa: BLE001 - unpickling user data can raise anything
+                carry_out(state.handle(DataUnavailable(key, f"cannot load it here: {exc!r}")))
+                return
+            conn.send(m.DataStored(key, nbytes))
+            carry_out(state.handle(DataArrived(key, nbytes)))
+
+        async def fetch(key: str, addresses: list[str]) -> None:
+            if key in state.data:
+                return
+            frames = await self.data.fetch(key, addresses)
+            if frames is None:
+                if session == self._session and not conn.closed:
+                    conn.send(m.NeedData(key, from_owner=True))
+            else:
+                arrived(key, frames)
+
         def on_close(_conn: Connection, reason: str) -> None:
             if not closed.done():
                 closed.set_result(reason)
 
         conn.set_handlers(on_message, on_close)
-        conn.send(m.RegisterWorker(self.name, self.nthreads, os.getpid(), socket.gethostname(), self.memory_limit))
+        sockname = conn.transport.get_extra_info("sockname") if conn.transport else None
+        data_address = await self.data.start(sockname[0] if sockname else "127.0.0.1")
+        conn.send(m.RegisterWorker(
+            self.name, self.nthreads, os.getpid(), socket.gethostname(), self.memory_limit, data_address
+        ))
         done, _ = await asyncio.wait([welcomed, closed], timeout=30, return_when=asyncio.FIRST_COMPLETED)
         if welcomed not in done:
             reason = closed.result() if closed.done() else "no welcome within 30 s"

@@ -1,0 +1,101 @@
+"""Scattered data on the client side: references, and the pickler that puts them in batches.
+
+A scattered object is pickled into a batch as a call to
+``resolve_scattered(key)``, which on the worker returns its local copy.  The
+``BatchPickler`` does that for ``ScatteredRef`` arguments, for objects given to
+``scatter=`` (matched by identity), and automatically for large arrays (numpy,
+pandas, scipy.sparse) of at least ``auto_threshold`` bytes; it records the keys
+a batch needs so the scheduler can place it where its data already is.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from typing import Any, Callable
+
+import cloudpickle
+
+from ..protocol.serialize import out_of_band_collector, resolve_scattered
+
+DEFAULT_AUTO_THRESHOLD = 2 * 2**20  # 2 MiB: below that, pickling into each batch is cheaper
+
+
+class ScatteredRef:
+    """A handle on data held by the cluster; pass it as a task argument."""
+
+    __slots__ = ("key", "nbytes", "__weakref__")
+
+    def __init__(self, key: str, nbytes: int) -> None:
+        self.key = key
+        self.nbytes = nbytes
+
+    def __reduce__(self):
+        return (resolve_scattered, (self.key,))
+
+    def __repr__(self) -> str:
+        return f"<ScatteredRef {self.key} {self.nbytes} bytes>"
+
+
+def new_key(obj: Any) -> str:
+    return f"{type(obj).__name__[:40]}-{uuid.uuid4().hex}"
+
+
+def large_nbytes(obj: Any, threshold: int) -> int:
+    """The size of an array-like worth scattering automatically, else 0."""
+    cls = type(obj)
+    module = cls.__module__
+    try:
+        if module == "numpy" and cls.__name__ in ("ndarray", "memmap"):
+            size = obj.nbytes
+        elif module.startswith("pandas.") and cls.__name__ in ("DataFrame", "Series"):
+            size = int(obj.memory_usage(index=True, deep=False).sum()) if cls.__name__ == "DataFrame" else obj.nbytes
+        elif module.startswith("scipy.sparse") and hasattr(obj, "data") and hasattr(obj, "nnz"):
+            size = obj.data.nbytes + sum(getattr(obj, a).nbytes for a in ("indices", "indptr", "row", "col") if hasattr(obj, a))
+        else:
+            return 0
+    except Exception:
+        return 0
+    return size if size >= threshold else 0
+
+
+class BatchPickler(cloudpickle.CloudPickler):
+    """cloudpickle, plus scattered objects replaced by their keys."""
+
+    def __init__(self, file, refs: dict[int, tuple[str, Any]], auto_threshold: int,
+                 register: Callable[[Any, int], str], buffer_callback) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+        self.refs = refs
+        self.auto_threshold = auto_threshold
+        self.register = register
+        self.keys: list[str] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is ScatteredRef:
+            self._need(obj.key)
+            return obj.__reduce__()
+        entry = self.refs.get(id(obj))
+        if entry is not None and entry[1] is obj:
+            self._need(entry[0])
+            return (resolve_scattered, (entry[0],))
+        if self.auto_threshold:
+            nbytes = large_nbytes(obj, self.auto_threshold)
+            if nbytes:
+                key = self.register(obj, nbytes)
+                self._need(key)
+                return (resolve_scattered, (key,))
+        return super().reducer_override(obj)
+
+    def _need(self, key: str) -> None:
+        if key not in self.keys:
+            self.keys.append(key)
+
+
+def dumps_batch(obj: Any, refs: dict[int, tuple[str, Any]], auto_threshold: int,
+                register: Callable[[Any, int], str]) -> tuple[list, list[str]]:
+    """Pickle a batch; returns ``(frames, keys of the scattered data it needs)``."""
+    buffers: list = []
+    stream = io.BytesIO()
+    pickler = BatchPickler(stream, refs, auto_threshold, register, out_of_band_collector(buffers))
+    pickler.dump(obj)
+    return [stream.getvalue(), *buffers], pickler.keys

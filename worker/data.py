@@ -1,0 +1,102 @@
+"""A worker's scattered data: the local store, the data server peers fetch from, and fetching.
+
+Objects are unpickled once when they arrive (read-only arrays over the received
+buffers) and kept with their frames, so serving a peer costs no pickling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl as ssl_module
+
+from ..protocol import Role
+from ..protocol import messages as m
+from ..protocol.address import parse_address
+from ..protocol.aio import Connection, open_connection, start_server
+from ..protocol.serialize import DATA_STORE, loads_readonly
+
+log = logging.getLogger("jobsched.worker")
+
+FETCH_TIMEOUT = 600.0
+
+
+class DataService:
+    def __init__(self, secret: bytes | None, server_ssl: ssl_module.SSLContext | None,
+                 client_ssl: ssl_module.SSLContext | None) -> None:
+        self.secret = secret
+        self.server_ssl = server_ssl
+        self.client_ssl = client_ssl
+        self.frames: dict[str, tuple] = {}
+        self.address = ""
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int = 0) -> str:
+        """Listen for peers on ``host`` (the interface we reach the scheduler on)."""
+        if self._server is None:
+            self._server = await start_server(host, port, self.secret, frozenset({Role.PEER}), self._on_peer, ssl=self.server_ssl)
+            sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
+            scheme = "tls" if self.server_ssl else "tcp"
+            self.address = f"{scheme}://[{sock_host}]:{sock_port}" if ":" in sock_host else f"{scheme}://{sock_host}:{sock_port}"
+        return self.address
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    # ------------------------------------------------------------------ store
+    def store(self, key: str, frames: tuple) -> int:
+        """Keep ``frames`` and their object; returns the bytes held.  Raises if undecodable."""
+        DATA_STORE[key] = loads_readonly(frames)
+        self.frames[key] = tuple(frames)
+        return m.frames_nbytes(frames)
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            DATA_STORE.pop(key, None)
+            self.frames.pop(key, None)
+
+    # -------------------------------------------------------------- serving
+    def _on_peer(self, conn: Connection) -> None:
+        def on_message(_c: Connection, message: m.Message) -> None:
+            if type(message) is m.FetchData:
+                frames = self.frames.get(message.key)  # type: ignore[attr-defined]
+                conn.send(m.DataReply(message.key, frames is not None, frames or ()))  # type: ignore[attr-defined]
+            else:
+                conn.abort(f"unexpected {message.op!r} on the data port")
+
+        conn.set_handlers(on_message, lambda _c, _r: None)
+
+    # -------------------------------------------------------------- fetching
+    async def fetch(self, key: str, addresses: list[str]) -> tuple | None:
+        """Get ``key``'s frames from the first peer that has them; None if none does."""
+        for text in addresses:
+            try:
+                address = parse_address(text)
+                ssl = self.client_ssl if address.scheme == "tls" else None
+                conn = await open_connection(address.host, address.port, Role.PEER, self.secret, ssl=ssl, peer_name="worker")
+            except (OSError, ValueError, asyncio.TimeoutError, ConnectionError) as exc:
+                log.warning("cannot reach peer %s for %s: %s", text, key, exc)
+                continue
+            reply: asyncio.Future = asyncio.get_running_loop().create_future()
+
+            def on_message(_c: Connection, message: m.Message, reply=reply) -> None:
+                if type(message) is m.DataReply and not reply.done():
+                    reply.set_result(message)
+
+            def on_close(_c: Connection, reason: str, reply=reply) -> None:
+                if not reply.done():
+                    reply.set_exception(ConnectionError(reason))
+
+            conn.set_handlers(on_message, on_close)
+            conn.send(m.FetchData(key))
+            try:
+                message = await asyncio.wait_for(reply, FETCH_TIMEOUT)
+            except (asyncio.TimeoutError, ConnectionError) as exc:
+                log.warning("fetching %s from %s failed: %s", key, text, exc)
+                continue
+            finally:
+                conn.close("fetch done")
+            if message.found:
+                return message.frames
+        return None
