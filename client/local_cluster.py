@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -53,6 +54,7 @@ class LocalCluster:
         self._dir = tempfile.mkdtemp(prefix="jobsched-")
         self.processes: list[subprocess.Popen] = []
         self.address = ""
+        self.dashboard = ""  # http://127.0.0.1:PORT of the scheduler's status page
         try:
             self._start_scheduler(startup_timeout)
             if self.n_workers:
@@ -80,7 +82,10 @@ class LocalCluster:
 
     def _start_scheduler(self, timeout: float) -> None:
         path = os.path.join(self._dir, "scheduler.json")
-        proc = self._spawn("jobsched.scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", path)
+        proc = self._spawn(
+            "jobsched.scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", path,
+            "--dashboard-address", "127.0.0.1:0",
+        )
         deadline = time.monotonic() + timeout
         while not os.path.exists(path):
             if proc.poll() is not None:
@@ -89,6 +94,8 @@ class LocalCluster:
                 raise RuntimeError(f"the local scheduler did not start within {timeout:.0f} s")
             time.sleep(0.02)
         self.address = read_scheduler_file(path)
+        with open(path) as f:
+            self.dashboard = json.load(f).get("dashboard", "")
 
     def _start_workers(self) -> None:
         """One supervisor running ``n_workers`` worker processes; it restarts any that crash."""

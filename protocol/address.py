@@ -70,13 +70,13 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def write_scheduler_file(path: str, address: str) -> None:
-    """Write ``{"address": ...}`` atomically: readers never see a partial file."""
+def write_scheduler_file(path: str, address: str, dashboard: str = "") -> None:
+    """Write ``{"address": ..., "dashboard": ...}`` atomically: readers never see a partial file."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".jobsched-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump({"address": address, "pid": os.getpid()}, f)
+            json.dump({"address": address, "dashboard": dashboard, "pid": os.getpid()}, f)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

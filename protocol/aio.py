@@ -47,6 +47,8 @@ class Connection(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._early: list[Message] = []  # messages that arrived before handlers were set
         self.refuse_reason = ""  # set before connection_made to refuse at once
+        self.bytes_received = 0
+        self.bytes_sent = 0
 
     # ------------------------------------------------------------- transport side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -68,6 +70,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.bytes_received += len(data)
         try:
             frames = self.decoder.feed(data)
             for frame in frames:
@@ -167,6 +170,7 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         if self._outbox and not self.closed and self.transport is not None:
             pieces, self._outbox = self._outbox, []
+            self.bytes_sent += sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in pieces)
             self.transport.writelines(pieces)
 
     def _write_raw(self, pieces: Iterable[Any]) -> None:

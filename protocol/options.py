@@ -1,17 +1,13 @@
-"""Command-line option helpers shared by the daemons: ``JOBSCHED_*`` defaults and value checks."""
+"""Command-line option helpers shared by the daemons: value checks and common option groups.
+
+Environment variables and config files are applied by ``config.resolve``."""
 
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Callable
 
 from .tls import TLSConfig
-
-
-def env_default(option: str, default: Any) -> Any:
-    """The value of ``JOBSCHED_<OPTION>`` if set, else ``default`` (argparse still type-checks it)."""
-    return os.environ.get(f"JOBSCHED_{option.upper().replace('-', '_')}", default)
 
 
 def port(text: str) -> int:
@@ -36,11 +32,21 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def add_tls_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("TLS (for tls:// addresses)")
-    group.add_argument("--tls-cert", default=env_default("TLS_CERT", None), help="certificate chain (PEM)")
-    group.add_argument("--tls-key", default=env_default("TLS_KEY", None), help="private key (PEM), if not in --tls-cert")
-    group.add_argument("--tls-ca-file", default=env_default("TLS_CA_FILE", None),
+    group.add_argument("--tls-cert", default=None, help="certificate chain (PEM)")
+    group.add_argument("--tls-key", default=None, help="private key (PEM), if not in --tls-cert")
+    group.add_argument("--tls-ca-file", default=None,
                        help="CA bundle to verify peers; on the scheduler it makes TLS mutual")
 
 
 def tls_config(args: argparse.Namespace) -> TLSConfig:
     return TLSConfig(args.tls_cert, args.tls_key, args.tls_ca_file)
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--secret-file", default=None, help="file holding the shared secret (mode 0600)")
+    add_tls_options(parser)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help="TOML config file, read after /etc/jobsched/jobsched.toml and ~/.config/jobsched/jobsched.toml")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration and where each value came from, then exit")

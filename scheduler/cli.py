@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import sys
 
-from ..protocol.address import DEFAULT_PORT, is_loopback_host, write_scheduler_file
+from ..protocol.address import DEFAULT_PORT, is_loopback_host, parse_address, write_scheduler_file
 from ..protocol.aio import configure_logging, run_daemon
-from ..protocol.options import add_tls_options, env_default, port, positive, tls_config
+from ..protocol.config import ConfigError, format_config, resolve
+from ..protocol.options import add_common_options, port, positive, tls_config
 from ..protocol.secret import SecretError, load_secret, write_new_secret
 from ..protocol.tls import server_context
+from .http import StatusServer
 from .server import SchedulerServer
 from .state import SchedulerConfig
 
@@ -23,28 +26,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jobsched-scheduler",
         description="Run the jobsched scheduler: workers and clients connect to it.",
-        epilog="The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE, "
+        epilog="Every option can also be set as JOBSCHED_<OPTION> (e.g. JOBSCHED_PORT) or in a TOML config "
+        "file. The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE, "
         "never from the command line. Binding a non-loopback address requires one.",
     )
-    p.add_argument("--host", default=env_default("HOST", "127.0.0.1"), help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=port, default=env_default("PORT", DEFAULT_PORT), help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    p.add_argument("--scheduler-file", default=env_default("SCHEDULER_FILE", None), help="write the address here (JSON) once listening")
-    p.add_argument("--secret-file", default=None, help="file holding the shared secret (mode 0600)")
-    p.add_argument("--heartbeat-timeout", type=positive(float), default=env_default("HEARTBEAT_TIMEOUT", 30.0),
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--scheduler-file", default=None, help="write the address here (JSON) once listening")
+    p.add_argument("--heartbeat-timeout", type=positive(float), default=30.0,
                    help="seconds of silence after which a worker is declared dead (default 30)")
-    p.add_argument("--allowed-failures", type=positive(int), default=env_default("ALLOWED_FAILURES", 3),
+    p.add_argument("--allowed-failures", type=positive(int), default=3,
                    help="workers a batch may see die before it fails with WorkerLostError (default 3)")
-    p.add_argument("--no-worker-timeout", type=positive(float), default=env_default("NO_WORKER_TIMEOUT", 60.0),
+    p.add_argument("--no-worker-timeout", type=positive(float), default=60.0,
                    help="seconds a batch waits while no worker is connected before it fails (default 60)")
+    p.add_argument("--dashboard-address", default="127.0.0.1:8687",
+                   help="HOST:PORT for the dashboard, /health, /metrics and /api/status (default 127.0.0.1:8687; "
+                   "'none' disables it; a busy port falls back to a free one)")
     p.add_argument("--generate-secret", metavar="PATH", default=None,
                    help="write a new random secret to PATH (mode 0600) and exit")
-    add_tls_options(p)
-    p.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_common_options(p)
     return p
 
 
+def _start_dashboard(server: SchedulerServer, text: str) -> StatusServer | None:
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    address = parse_address(text, default_port=8687)
+    loop = asyncio.get_running_loop()
+    try:
+        status = StatusServer(server, loop, address.host, address.port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.warning("dashboard port %d is in use; using a free port instead", address.port)
+        status = StatusServer(server, loop, address.host, 0)
+    status.start()
+    server.dashboard = status.address
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args, sources = resolve(build_parser(), argv, "scheduler")
+    except ConfigError as exc:
+        print(f"jobsched-scheduler: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(format_config(args, sources))
+        return 0
     configure_logging(args.log_level)
     if args.generate_secret:
         try:
@@ -87,12 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc)
             return 1
+        status = _start_dashboard(server, args.dashboard_address)
         if args.scheduler_file:
-            write_scheduler_file(args.scheduler_file, address)
+            write_scheduler_file(args.scheduler_file, address, dashboard=status.address if status else "")
         try:
             await stop.wait()
         finally:
             log.info("shutting down")
+            if status is not None:
+                status.stop()
             await server.stop()
             if args.scheduler_file:
                 try:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import ssl as ssl_module
 import time
+from typing import Callable
 
 from ..protocol import Role
 from ..protocol import messages as m
@@ -37,6 +38,10 @@ class SchedulerServer:
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task | None = None
         self.address = ""
+        self.dashboard = ""  # the HTTP status address, once started
+        self.bytes_closed = [0, 0]  # received, sent by connections already closed
+        self._events_logged = 0
+        self.on_dispatch: Callable[[float, bool], None] | None = None  # (seconds, sent a batch): metrics
 
     async def start(self) -> str:
         self._server = await start_server(
@@ -80,18 +85,53 @@ class SchedulerServer:
     def _on_close(self, conn_id: int, reason: str) -> None:
         conn = self.connections.pop(conn_id, None)
         if conn is not None:
-            log.info("connection %s from %s closed: %s", conn_id, conn.peer, reason)
+            log.debug("connection %s from %s closed: %s", conn_id, conn.peer, reason)
+            self.bytes_closed[0] += conn.bytes_received
+            self.bytes_closed[1] += conn.bytes_sent
         self._dispatch(PeerDisconnected(conn_id, reason))
 
     def _dispatch(self, event) -> None:
         assert self.state is not None
-        for command in self.state.handle(event):
+        started = time.perf_counter()
+        commands = self.state.handle(event)
+        executed = False
+        for command in commands:
             conn = self.connections.get(command.conn)
             if conn is None:
                 continue
             if type(command) is Send:
                 conn.send(command.message)
+                executed = executed or type(command.message) is m.Execute
             elif type(command) is Close:
                 log.warning("closing connection %s from %s: %s", command.conn, conn.peer, command.reason)
                 conn.send(m.Closing(command.reason))
                 conn.close(command.reason)
+        if self.on_dispatch is not None:
+            self.on_dispatch(time.perf_counter() - started, executed)
+        if self.state.event_seq != self._events_logged:
+            self._log_new_events()
+
+    def _log_new_events(self) -> None:
+        assert self.state is not None
+        fresh = min(self.state.event_seq - self._events_logged, len(self.state.events))
+        for event in list(self.state.events)[-fresh:]:
+            level = logging.WARNING if event["kind"] in ("worker-died", "batch-lost") else logging.INFO
+            log.log(level, "%s: %s", event["kind"], event["text"])
+        self._events_logged = self.state.event_seq
+
+    def bytes_moved(self) -> tuple[int, int]:
+        received = self.bytes_closed[0] + sum(c.bytes_received for c in self.connections.values())
+        sent = self.bytes_closed[1] + sum(c.bytes_sent for c in self.connections.values())
+        return received, sent
+
+    def snapshot(self) -> dict:
+        """Everything the status endpoints show; call on the loop thread."""
+        assert self.state is not None
+        info = self.state.info()
+        received, sent = self.bytes_moved()
+        info["bytes_received"], info["bytes_sent"] = received, sent
+        offset = time.time() - time.monotonic()  # the state's ticks are monotonic: show wall clock
+        info["events"] = [dict(event, time=event["time"] + offset) for event in info["events"]]
+        info["time"] = time.time()
+        info["dashboard"] = self.dashboard
+        return info

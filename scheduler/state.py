@@ -15,7 +15,7 @@ that has been running on ``max_deaths`` workers when they died fails with a
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -149,6 +149,13 @@ class SchedulerState:
         self.data = DataDirectory()
         self._next_task_id = 1
         self.stale_results = 0
+        self.counters: Counter[str] = Counter()  # submitted, done:<status>, requeued, worker_deaths, ...
+        self.events: deque[dict] = deque(maxlen=100)  # recent joins, deaths and failures, for people
+        self.event_seq = 0  # events ever logged, so the server can print each once
+
+    def _log_event(self, kind: str, text: str) -> None:
+        self.events.append({"time": self.now, "kind": kind, "text": text})
+        self.event_seq += 1
 
     # ---------------------------------------------------------------- entry
     def handle(self, event: Event) -> list[Command]:
@@ -160,7 +167,7 @@ class SchedulerState:
         elif type(event) is PeerConnected:
             self.addresses[event.conn] = event.address
         elif type(event) is PeerDisconnected:
-            self._on_disconnect(event.conn, out)
+            self._on_disconnect(event.conn, out, event.reason)
         else:
             raise TypeError(f"unknown event {event!r}")
         self._schedule(out)
@@ -209,6 +216,7 @@ class SchedulerState:
             self._register_worker(conn, msg, out)  # type: ignore[arg-type]
         elif kind is m.RegisterClient:
             self.clients[conn] = ClientRecord(conn, msg.name, msg.pid, msg.host)  # type: ignore[attr-defined]
+            self._log_event("client-connected", f"{msg.name} (pid {msg.pid} on {msg.host})")  # type: ignore[attr-defined]
             out.append(Send(conn, m.Welcome(f"client-{conn}", self.config.heartbeat_interval)))
         else:
             out.append(Close(conn, f"expected a registration, got {msg.op!r}"))
@@ -227,6 +235,8 @@ class SchedulerState:
         self.workers[conn] = worker
         self.free_workers[conn] = worker
         self.data.worker_joined(conn, msg.data_address)
+        self.counters["workers_joined"] += 1
+        self._log_event("worker-joined", f"{name} ({msg.nthreads} threads, {msg.host} pid {msg.pid})")
         out.append(Send(conn, m.Welcome(name, self.config.heartbeat_interval)))
 
     def _on_worker_status(self, worker: WorkerRecord, status: str, out: list[Command]) -> None:
@@ -252,6 +262,9 @@ class SchedulerState:
         worker.completed += 1
         if task.cancelled:
             return
+        self.counters[f"done:{msg.status}"] += 1
+        if msg.status == m.ERROR:
+            self._log_event("batch-error", f"a task of {task.func_name} raised on {worker.name}")
         if msg.status not in (m.OK, m.ERROR):
             reason = f"worker {worker.name} reported invalid status {msg.status[:20]!r}"
             out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.FAILED, worker.name, reason)))
@@ -269,15 +282,23 @@ class SchedulerState:
             if call.ready:
                 self.ready_calls.setdefault(call.key, call)
 
-    def _on_disconnect(self, conn: ConnId, out: list[Command]) -> None:
+    def _on_disconnect(self, conn: ConnId, out: list[Command], reason: str = "") -> None:
         self.addresses.pop(conn, None)
         worker = self.workers.pop(conn, None)
         if worker is not None:
+            why = worker.last_words or reason or "connection closed"
+            if worker.status == m.RETIRING:
+                self._log_event("worker-left", f"{worker.name}: {why}")
+            else:
+                self.counters["worker_deaths"] += 1
+                self._log_event("worker-died", f"{worker.name} with {len(worker.running)} batches running: {why}")
             self.free_workers.pop(conn, None)
             self.data.worker_left(conn, self._sender(out))
             self._requeue_lost(worker, out)
         client = self.clients.pop(conn, None)
         if client is not None:
+            queued = sum(len(c.queue) + len(c.running) for c in client.calls.values())
+            self._log_event("client-left", f"{client.name}: {reason or 'disconnected'}; dropped {queued} batches")
             for call_id in list(client.calls):
                 self._cancel_call(client, call_id, out)
             self.data.client_left(conn, self._sender(out))
@@ -303,7 +324,10 @@ class SchedulerState:
                     f"(last: {last}); giving up after {self.config.max_deaths}"
                 )
                 out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.LOST, worker.name, reason)))
+                self.counters["done:lost"] += 1
+                self._log_event("batch-lost", reason)
             else:
+                self.counters["requeued"] += 1
                 task.queued_at = self.now
                 call.queue.appendleft(task_id)
             if call.ready:
@@ -315,6 +339,7 @@ class SchedulerState:
         if call is None:
             call = client.calls[msg.call_id] = CallRecord((client.conn, msg.call_id), max(msg.max_running, 0))
         task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name, msg.frames, self.now, msg.keys)
+        self.counters["submitted"] += 1
         self._next_task_id += 1
         self.tasks[task.task_id] = task
         call.queue.append(task.task_id)
@@ -386,8 +411,9 @@ class SchedulerState:
         self.now = now
         deadline = now - self.config.heartbeat_timeout
         for worker in [w for w in self.workers.values() if w.last_seen < deadline]:
-            out.append(Close(worker.conn, f"no heartbeat for {self.config.heartbeat_timeout:.0f} s"))
-            self._on_disconnect(worker.conn, out)
+            reason = f"no heartbeat for {self.config.heartbeat_timeout:.0f} s"
+            out.append(Close(worker.conn, reason))
+            self._on_disconnect(worker.conn, out, reason)
         if not self.workers and self.tasks:
             self._fail_starved(now, out)
 
@@ -399,6 +425,7 @@ class SchedulerState:
                     task = self.tasks.pop(call.queue.popleft())
                     reason = f"no worker connected to the scheduler within {limit:.0f} s"
                     out.append(Send(client.conn, m.BatchDone(task.batch_id, m.NO_WORKERS, "", reason)))
+                    self.counters["done:no-workers"] += 1
                 if not call.ready:
                     self.ready_calls.pop(call.key, None)
 
@@ -427,6 +454,10 @@ class SchedulerState:
             "tasks": len(self.tasks),
             "stale_results": self.stale_results,
             "data_keys": len(self.data.records),
+            "running": sum(len(w.running) for w in self.workers.values()),
+            "slots": sum(w.nthreads for w in self.workers.values()),
+            "counters": dict(self.counters),
+            "events": list(self.events),
         }
 
     def validate(self) -> None:

@@ -12,7 +12,8 @@ import sys
 
 from ..protocol.address import parse_address, read_scheduler_file
 from ..protocol.aio import configure_logging, run_daemon
-from ..protocol.options import add_tls_options, env_default, positive, tls_config
+from ..protocol.config import ConfigError, format_config, resolve
+from ..protocol.options import add_common_options, positive, tls_config
 from ..protocol.secret import load_secret
 from ..protocol.tls import client_context, server_context
 from .daemon import WorkerDaemon, cli_status
@@ -20,33 +21,36 @@ from .memory import parse_memory_limit
 from .supervisor import Supervisor, child_command
 
 
+def _memory_limit(text: str) -> str:
+    parse_memory_limit(text)  # validate now; it is resolved per process once --nworkers is known
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jobsched-worker",
         description="Run jobsched worker processes: they join the scheduler and run the batches they are given.",
-        epilog="The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE. "
+        epilog="Every option can also be set as JOBSCHED_<OPTION> (e.g. JOBSCHED_NTHREADS) or in a TOML config "
+        "file. The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE. "
         "Exit status: 0 stopped, 1 scheduler unreachable for --death-timeout, 2 configuration error.",
     )
-    p.add_argument("address", nargs="?", default=env_default("SCHEDULER", None),
+    p.add_argument("scheduler", nargs="?", default=None, metavar="ADDRESS",
                    help="scheduler address: tcp://host:port, tls://host:port or host:port (or JOBSCHED_SCHEDULER)")
-    p.add_argument("--scheduler-file", default=env_default("SCHEDULER_FILE", None), help="read the scheduler address from this file")
-    p.add_argument("--nthreads", type=positive(int), default=env_default("NTHREADS", 1), help="batches each process runs at once (default 1)")
-    p.add_argument("--nworkers", type=positive(int), default=env_default("NWORKERS", 1),
-                   help="worker processes under this supervisor (default 1)")
-    p.add_argument("--name", default=env_default("NAME", ""), help="worker name (default host-pid; with --nworkers, NAME-i); must be unique")
-    p.add_argument("--memory-limit", default=env_default("MEMORY_LIMIT", "0"),
+    p.add_argument("--scheduler-file", default=None, help="read the scheduler address from this file")
+    p.add_argument("--nthreads", type=positive(int), default=1, help="batches each process runs at once (default 1)")
+    p.add_argument("--nworkers", type=positive(int), default=1, help="worker processes under this supervisor (default 1)")
+    p.add_argument("--name", default="", help="worker name (default host-pid; with --nworkers, NAME-i); must be unique")
+    p.add_argument("--memory-limit", type=_memory_limit, default="0",
                    help="per process: bytes, 4GiB, a fraction of RAM (0.5), or auto (RAM or cgroup limit / nworkers); "
                    "above 80%% a process takes no new batches, past the limit it is restarted (default: none)")
-    p.add_argument("--secret-file", default=None, help="file holding the shared secret (mode 0600)")
-    p.add_argument("--death-timeout", type=positive(float), default=env_default("DEATH_TIMEOUT", 60.0),
+    p.add_argument("--death-timeout", type=positive(float), default=60.0,
                    help="seconds to keep trying to reach the scheduler before exiting 1 (default 60)")
-    p.add_argument("--drain-timeout", type=positive(float), default=env_default("DRAIN_TIMEOUT", 30.0),
+    p.add_argument("--drain-timeout", type=positive(float), default=30.0,
                    help="on SIGTERM, seconds to let running batches finish (default 30)")
-    p.add_argument("--cancel-grace", type=positive(float), default=env_default("CANCEL_GRACE", 10.0),
+    p.add_argument("--cancel-grace", type=positive(float), default=10.0,
                    help="a cancelled batch still running after this many seconds gets its process restarted (default 10)")
     p.add_argument("--no-nanny", action="store_true", help="run one worker in this process, without a supervisor")
-    add_tls_options(p)
-    p.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_common_options(p)
     return p
 
 
@@ -64,13 +68,20 @@ def _child_argv(args: argparse.Namespace, address: str, index: int, memory_limit
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level)
-    if args.address is None and args.scheduler_file is None:
-        parser.error("give the scheduler address (tcp://host:port) or --scheduler-file")
     try:
-        address = parse_address(args.address or read_scheduler_file(args.scheduler_file))
+        args, sources = resolve(build_parser(), argv, "worker")
+    except ConfigError as exc:
+        print(f"jobsched-worker: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(format_config(args, sources))
+        return 0
+    configure_logging(args.log_level)
+    if args.scheduler is None and args.scheduler_file is None:
+        print("jobsched-worker: give the scheduler address (tcp://host:port) or --scheduler-file", file=sys.stderr)
+        return 2
+    try:
+        address = parse_address(args.scheduler or read_scheduler_file(args.scheduler_file))
         memory_limit = parse_memory_limit(args.memory_limit, int(args.nworkers))
         secret = load_secret(args.secret_file)
         tls = tls_config(args)
