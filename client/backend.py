@@ -15,6 +15,7 @@ from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 from ..protocol.serialize import dumps
 from .client import Client, current_client
 from .errors import NoWorkersError
+from .progress import CallProgress
 from .scatter import DEFAULT_AUTO_THRESHOLD, dumps_batch, new_key
 
 _shared_clients: dict[tuple, Client] = {}
@@ -56,7 +57,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     them (by identity) use the worker's copy;
     ``auto_scatter_threshold`` (default 2 MiB, 0 disables): numpy/pandas/scipy.sparse
     arguments at least this large are scattered automatically and deduplicated across
-    the batches and calls of this context.  Scattered data is freed when the context exits.
+    the batches and calls of this context.  Scattered data is freed when the context exits;
+    ``progress`` (default False): show a tqdm bar of the call's batches (``pip install tqdm``).
     """
 
     supports_retrieve_callback = True
@@ -77,6 +79,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         output_cap: int = 1 << 20,
         scatter: Any = None,
         auto_scatter_threshold: int = DEFAULT_AUTO_THRESHOLD,
+        progress: bool = False,
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
         **kwargs: Any,
@@ -100,6 +103,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self._context: dict = {}
         self._call_id = 0
         self._max_running = 0
+        self.progress = bool(progress)
+        self._progress: CallProgress | None = None
         if scatter is not None:
             self.client = self._resolve_client()
             for obj in scatter if isinstance(scatter, (list, tuple)) else [scatter]:
@@ -129,6 +134,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         assert self.client is not None
         self._call_id = self.client.new_call_id()
         self._context = self._call_context()
+        if self.progress:
+            self._progress = CallProgress(self.client)
 
     def _call_context(self) -> dict:
         """What the worker needs to run a task as if locally (see worker/executor.py)."""
@@ -144,6 +151,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         future = self.client.submit_batch(
             frames, keys=keys, call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running
         )
+        if self._progress is not None:
+            self._progress.submitted()
+            future.add_done_callback(self._progress.finished)
         if callback is not None:
             future.add_done_callback(callback)
         return future
@@ -160,6 +170,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         # a generator dropped mid-way leaves batches behind: cancel whatever is still out
         if self.client is not None and self._call_id and not self.client.closed:
             self.client.cancel_call(self._call_id)
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
 
     def terminate(self) -> None:
         self.reset_batch_stats()

@@ -52,12 +52,45 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-def _info(args: argparse.Namespace) -> int:
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def format_status(info: dict) -> str:
+    """A table of the cluster for people: one row per worker, then the totals."""
+    rows = [("WORKER", "HOST", "STATUS", "SLOTS", "MEMORY", "DATA", "DONE")]
+    for worker in sorted(info["workers"].values(), key=lambda w: w["name"]):
+        limit = f" / {_human_bytes(worker['memory_limit'])}" if worker.get("memory_limit") else ""
+        rows.append((
+            worker["name"], worker["host"], worker.get("status", "running"),
+            f"{worker['running']}/{worker['nthreads']}", _human_bytes(worker["memory"]) + limit,
+            f"{worker.get('data_keys', 0)} keys, {_human_bytes(worker.get('data_bytes', 0))}", str(worker.get("completed", 0)),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.append("")
+    lines.append(
+        f"scheduler {info['address']}: {len(info['workers'])} workers, {info.get('running', 0)}/{info.get('slots', 0)} "
+        f"slots busy, {info['queued']} batches queued, {info['clients']} clients, {info.get('data_keys', 0)} data keys"
+    )
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
     from .client import Client
 
     address = args.scheduler if args.scheduler or args.scheduler_file else "tcp://127.0.0.1:8686"
-    with Client(address, scheduler_file=args.scheduler_file) as client:
-        print(json.dumps(client.scheduler_info(), indent=2, sort_keys=True))
+    try:
+        with Client(address, scheduler_file=args.scheduler_file, timeout=args.timeout, set_as_current=False) as client:
+            info = client.scheduler_info()
+    except Exception as exc:  # noqa: BLE001 - one clear line for any failure to connect
+        print(f"jobsched: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_status(info))
     return 0
 
 
@@ -69,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workers", type=int, default=None, help="local workers (default: one per core)")
     demo.add_argument("--n-iter", type=int, default=20, help="parameter candidates (default 20)")
     demo.set_defaults(run=_demo)
-    info = sub.add_parser("info", help="print the scheduler's view of the cluster as JSON")
-    info.add_argument("scheduler", nargs="?", default=None, help="scheduler address (default tcp://127.0.0.1:8686)")
-    info.add_argument("--scheduler-file", default=None)
-    info.set_defaults(run=_info)
+    for name in ("status", "info"):
+        status = sub.add_parser(name, help="show the cluster: workers, slots busy, memory, data held, queue")
+        status.add_argument("scheduler", nargs="?", default=None, help="scheduler address (default tcp://127.0.0.1:8686)")
+        status.add_argument("--scheduler-file", default=None)
+        status.add_argument("--json", action="store_true", help="print the scheduler's full view as JSON")
+        status.add_argument("--timeout", type=float, default=10.0)
+        status.set_defaults(run=_status)
     args = parser.parse_args(argv)
     return args.run(args)
 
