@@ -93,6 +93,26 @@ class FrameDecoder:
             if not self._advance(frames):
                 return frames
 
+    def fill_target(self) -> memoryview | None:
+        """While a large buffer is being received, the part of it still to fill.
+
+        A transport can read straight into it (``asyncio.BufferedProtocol``) and then
+        call ``filled(n)``: the payload is written once, where it will stay.
+        """
+        if self._fill is None:
+            return None
+        return self._fill[self._filled :]
+
+    def filled(self, nbytes: int) -> list[Frame]:
+        """Account for ``nbytes`` written into ``fill_target()``; returns completed frames."""
+        assert self._fill is not None and self._filled + nbytes <= len(self._fill)
+        self._filled += nbytes
+        frames: list[Frame] = []
+        if self._filled == len(self._fill):
+            self._fill = None
+            self._next_buffer_or_finish(frames)
+        return frames
+
     # each stage consumes from _pending; returns False when it needs more bytes
     def _advance(self, frames: list[Frame]) -> bool:
         if self._body_length is None:

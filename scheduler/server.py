@@ -41,6 +41,7 @@ class SchedulerServer:
         self.dashboard = ""  # the HTTP status address, once started
         self.bytes_closed = [0, 0]  # received, sent by connections already closed
         self._events_logged = 0
+        self._stopping = False
         self.on_dispatch: Callable[[float, bool], None] | None = None  # (seconds, sent a batch): metrics
 
     async def start(self) -> str:
@@ -58,6 +59,7 @@ class SchedulerServer:
         return self.address
 
     async def stop(self) -> None:
+        self._stopping = True  # connections closed from here on are no news: nothing to dispatch
         if self._ticker is not None:
             self._ticker.cancel()
         if self._server is not None:
@@ -88,7 +90,8 @@ class SchedulerServer:
             log.debug("connection %s from %s closed: %s", conn_id, conn.peer, reason)
             self.bytes_closed[0] += conn.bytes_received
             self.bytes_closed[1] += conn.bytes_sent
-        self._dispatch(PeerDisconnected(conn_id, reason))
+        if not self._stopping:
+            self._dispatch(PeerDisconnected(conn_id, reason))
 
     def _dispatch(self, event) -> None:
         assert self.state is not None
