@@ -12,7 +12,6 @@ import sys
 import tempfile
 import time
 
-from ..protocol.address import read_scheduler_file
 
 # Thread pools of numerical libraries: limited per worker so that workers x threads <= cores.
 THREAD_LIMIT_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
@@ -56,9 +55,7 @@ class LocalCluster:
         self.address = ""
         self.dashboard = ""  # http://127.0.0.1:PORT of the scheduler's status page
         try:
-            self._start_scheduler(startup_timeout)
-            if self.n_workers:
-                self._start_workers()
+            self._start(startup_timeout)
         except BaseException:
             self.close()
             raise
@@ -67,6 +64,7 @@ class LocalCluster:
         env = dict(os.environ)
         env["JOBSCHED_SECRET"] = self.secret
         env["JOBSCHED_PARENT_PID"] = str(os.getpid())
+        env["JOBSCHED_DAEMON"] = "1"  # see jobsched/__init__.py: daemons skip importing joblib
         env.pop("JOBSCHED_SECRET_FILE", None)
         return env
 
@@ -80,34 +78,34 @@ class LocalCluster:
         self.processes.append(proc)
         return proc
 
-    def _start_scheduler(self, timeout: float) -> None:
+    def _start(self, timeout: float) -> None:
+        """Start the scheduler and the workers at once; the workers wait for the scheduler file."""
         path = os.path.join(self._dir, "scheduler.json")
-        proc = self._spawn(
+        scheduler = self._spawn(
             "jobsched.scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file", path,
             "--dashboard-address", "127.0.0.1:0",
         )
+        if self.n_workers:
+            env = self._env()
+            threads = max(available_cores() // self.n_workers, 1) * self.threads_per_worker
+            for var in THREAD_LIMIT_VARS:
+                env.setdefault(var, str(threads))
+            # one supervisor running n_workers processes; it restarts any that crash
+            self._spawn(
+                "jobsched.worker", "--scheduler-file", path, "--nworkers", str(self.n_workers),
+                "--nthreads", str(self.threads_per_worker), "--name", f"local-{os.getpid()}",
+                "--death-timeout", "10", "--drain-timeout", "5", env=env,
+            )
         deadline = time.monotonic() + timeout
         while not os.path.exists(path):
-            if proc.poll() is not None:
-                raise RuntimeError(f"the local scheduler exited at start with status {proc.returncode}")
+            if scheduler.poll() is not None:
+                raise RuntimeError(f"the local scheduler exited at start with status {scheduler.returncode}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the local scheduler did not start within {timeout:.0f} s")
-            time.sleep(0.02)
-        self.address = read_scheduler_file(path)
+            time.sleep(0.01)
         with open(path) as f:
-            self.dashboard = json.load(f).get("dashboard", "")
-
-    def _start_workers(self) -> None:
-        """One supervisor running ``n_workers`` worker processes; it restarts any that crash."""
-        env = self._env()
-        threads = max(available_cores() // max(self.n_workers, 1), 1) * self.threads_per_worker
-        for var in THREAD_LIMIT_VARS:
-            env.setdefault(var, str(threads))
-        self._spawn(
-            "jobsched.worker", self.address, "--nworkers", str(self.n_workers),
-            "--nthreads", str(self.threads_per_worker), "--name", f"local-{os.getpid()}",
-            "--death-timeout", "10", "--drain-timeout", "5", env=env,
-        )
+            written = json.load(f)
+        self.address, self.dashboard = written["address"], written.get("dashboard", "")
 
     def close(self, timeout: float = 5.0) -> None:
         """End every daemon (SIGTERM, then SIGKILL after ``timeout``) and remove the temp dir."""

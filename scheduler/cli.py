@@ -16,7 +16,7 @@ from ..protocol.options import add_common_options, port, positive, tls_config
 from ..protocol.secret import SecretError, load_secret, write_new_secret
 from ..protocol.tls import server_context
 from .http import StatusServer
-from .server import SchedulerServer
+from .server import SchedulerServer, tune_gc
 from .state import SchedulerConfig
 
 log = logging.getLogger("jobsched.scheduler")
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     async def serve(stop: asyncio.Event) -> int:
+        tune_gc()
         server = SchedulerServer(args.host, int(args.port), secret, config, ssl=ssl)
         try:
             address = await server.start()

@@ -276,7 +276,7 @@ class SchedulerState:
         task.worker = None
         if worker.has_room:
             self.free_workers.setdefault(worker.conn, worker)
-        call = self._call_of(task)
+        call = None if task.cancelled else self._call_of(task)  # a cancelled call's id may be reused
         if call is not None:
             del call.running[task.task_id]
             if call.ready:

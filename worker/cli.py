@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ..protocol.address import parse_address, read_scheduler_file
+from ..protocol.address import parse_address
 from ..protocol.aio import configure_logging, run_daemon
 from ..protocol.config import ConfigError, format_config, resolve
 from ..protocol.options import add_common_options, positive, tls_config
@@ -54,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _child_argv(args: argparse.Namespace, address: str, index: int, memory_limit: int) -> list[str]:
-    argv = [*child_command(), address, "--no-nanny", "--nthreads", str(args.nthreads),
+def _child_argv(args: argparse.Namespace, index: int, memory_limit: int) -> list[str]:
+    argv = [*child_command(), *([args.scheduler] if args.scheduler else []), "--no-nanny", "--nthreads", str(args.nthreads),
             "--death-timeout", str(args.death_timeout), "--drain-timeout", str(args.drain_timeout),
             "--cancel-grace", str(args.cancel_grace), "--memory-limit", str(memory_limit), "--log-level", args.log_level]
     if args.name:
         argv += ["--name", args.name if args.nworkers == 1 else f"{args.name}-{index}"]
-    for option in ("secret_file", "tls_cert", "tls_key", "tls_ca_file"):
+    for option in ("scheduler_file", "secret_file", "tls_cert", "tls_key", "tls_ca_file"):
         value = getattr(args, option)
         if value:
             argv += ["--" + option.replace("_", "-"), value]
@@ -81,20 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         print("jobsched-worker: give the scheduler address (tcp://host:port) or --scheduler-file", file=sys.stderr)
         return 2
     try:
-        address = parse_address(args.scheduler or read_scheduler_file(args.scheduler_file))
+        # with only a scheduler file, the address is read when connecting (it may not exist yet)
+        address = parse_address(args.scheduler) if args.scheduler else None
         memory_limit = parse_memory_limit(args.memory_limit, int(args.nworkers))
         secret = load_secret(args.secret_file)
         tls = tls_config(args)
-        ssl = client_context(tls) if address.scheme == "tls" else None
+        ssl = client_context(tls)  # used for tls:// addresses only
         data_ssl = server_context(tls) if tls.cert else None  # peers fetch data over TLS too
     except (ValueError, OSError, KeyError) as exc:
         print(f"jobsched-worker: {exc}", file=sys.stderr)
         return 2
     if not args.no_nanny:
-        argvs = [_child_argv(args, str(address), i, memory_limit) for i in range(int(args.nworkers))]
+        argvs = [_child_argv(args, i, memory_limit) for i in range(int(args.nworkers))]
         return Supervisor(argvs, memory_limit=memory_limit, drain_timeout=float(args.drain_timeout)).run()
     daemon = WorkerDaemon(
-        address, nthreads=int(args.nthreads), name=args.name, secret=secret,
+        address, scheduler_file=args.scheduler_file, nthreads=int(args.nthreads), name=args.name, secret=secret,
         death_timeout=float(args.death_timeout), memory_limit=memory_limit, ssl=ssl, data_ssl=data_ssl,
         drain_timeout=float(args.drain_timeout), cancel_grace=float(args.cancel_grace),
         supervised=os.environ.get("JOBSCHED_SUPERVISED") == "1",

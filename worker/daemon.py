@@ -30,7 +30,7 @@ import psutil
 
 from ..protocol import HandshakeError, Role
 from ..protocol import messages as m
-from ..protocol.address import Address
+from ..protocol.address import Address, parse_address, read_scheduler_file
 from ..protocol.aio import Connection, open_connection
 from ..protocol.serialize import dump_exception
 from .data import DataService
@@ -71,8 +71,9 @@ class FatalWorkerError(Exception):
 class WorkerDaemon:
     def __init__(
         self,
-        address: Address,
+        address: Address | None,
         *,
+        scheduler_file: str | None = None,
         nthreads: int = 1,
         name: str = "",
         secret: bytes | None = None,
@@ -84,7 +85,10 @@ class WorkerDaemon:
         cancel_grace: float = 10.0,
         supervised: bool = False,
     ) -> None:
+        if address is None and scheduler_file is None:
+            raise ValueError("a worker needs the scheduler's address or a scheduler file")
         self.address = address
+        self.scheduler_file = scheduler_file
         self.nthreads = nthreads
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.secret = secret
@@ -114,15 +118,18 @@ class WorkerDaemon:
         try:
             while not stop.is_set():
                 try:
+                    self.address = self._current_address()
                     conn = await open_connection(
-                        self.address.host, self.address.port, Role.WORKER, self.secret, ssl=self.ssl
+                        self.address.host, self.address.port, Role.WORKER, self.secret,
+                        ssl=self.ssl if self.address.scheme == "tls" else None,
                     )
                 except HandshakeError as exc:
                     log.error("cannot join the scheduler at %s: %s", self.address, exc)
                     return EXIT_FATAL
-                except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                except (OSError, ValueError, KeyError, asyncio.TimeoutError, ConnectionError) as exc:
                     if loop.time() - lost_since > self.death_timeout:
-                        log.error("no scheduler at %s for %.0f s (--death-timeout); exiting", self.address, self.death_timeout)
+                        where = self.address or self.scheduler_file
+                        log.error("no scheduler at %s for %.0f s (--death-timeout); exiting", where, self.death_timeout)
                         return EXIT_SCHEDULER_GONE
                     log.info("scheduler at %s unreachable (%s); retrying in %.1f s", self.address, exc, delay)
                     await _wait_or_stop(stop, delay)
@@ -141,6 +148,13 @@ class WorkerDaemon:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.data.close()
         return self._exit_code or 0
+
+    def _current_address(self) -> Address:
+        """The address given, or the one in the scheduler file now (a restarted scheduler may move)."""
+        if self.scheduler_file is None:
+            assert self.address is not None
+            return self.address
+        return parse_address(read_scheduler_file(self.scheduler_file))
 
     async def _session_loop(self, conn: Connection, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

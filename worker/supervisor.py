@@ -51,7 +51,7 @@ class Supervisor:
         self._stopping = False
 
     def _start(self, child: Child) -> None:
-        env = dict(os.environ, JOBSCHED_PARENT_PID=str(os.getpid()), JOBSCHED_SUPERVISED="1")
+        env = dict(os.environ, JOBSCHED_PARENT_PID=str(os.getpid()), JOBSCHED_SUPERVISED="1", JOBSCHED_DAEMON="1")
         child.proc = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL)
         child.started = time.monotonic()
         try:
