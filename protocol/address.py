@@ -50,6 +50,8 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
         host, port_text = rest.split(":")
     else:
         host, port_text = rest, ""
+        if ":" in host and not _is_ipv6(host):
+            raise ValueError(f"invalid address {text!r}: write IPv6 addresses in brackets, [::1]:8686")
     if not host:
         raise ValueError(f"invalid address {text!r}: no host")
     if port_text:
@@ -59,6 +61,13 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     else:
         port = default_port
     return Address(scheme, host, port)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 def is_loopback_host(host: str) -> bool:

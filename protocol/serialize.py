@@ -23,14 +23,16 @@ import cloudpickle
 from .framing import Buffer
 
 OUT_OF_BAND_MIN = 64 * 1024
+OUT_OF_BAND_MAX = 512  # well under FrameLimits.max_buffers, leaving room for a message's own frames
 
 
 def out_of_band_collector(buffers: list) -> Callable[[pickle.PickleBuffer], bool]:
-    """A pickle ``buffer_callback`` that moves buffers of ``OUT_OF_BAND_MIN`` bytes or more to ``buffers``."""
+    """A pickle ``buffer_callback`` that moves buffers of ``OUT_OF_BAND_MIN`` bytes or more to
+    ``buffers``, up to ``OUT_OF_BAND_MAX`` of them (a frame's buffer count is capped)."""
 
     def collect(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
-        if raw.nbytes < OUT_OF_BAND_MIN:
+        if raw.nbytes < OUT_OF_BAND_MIN or len(buffers) >= OUT_OF_BAND_MAX:
             return True  # true: serialize in band
         buffers.append(raw)
         return False

@@ -23,6 +23,7 @@ from ..protocol import messages as m
 from .data import DataDirectory
 
 ConnId = int
+MAX_NAME = 200  # peers name themselves: keep what we store and report bounded
 CallKey = tuple[ConnId, int]
 
 
@@ -152,6 +153,7 @@ class SchedulerState:
         self.counters: Counter[str] = Counter()  # submitted, done:<status>, requeued, worker_deaths, ...
         self.events: deque[dict] = deque(maxlen=100)  # recent joins, deaths and failures, for people
         self.event_seq = 0  # events ever logged, so the server can print each once
+        self.no_workers_since = 0.0  # when the last worker left
 
     def _log_event(self, kind: str, text: str) -> None:
         self.events.append({"time": self.now, "kind": kind, "text": text})
@@ -215,8 +217,9 @@ class SchedulerState:
         elif kind is m.RegisterWorker:
             self._register_worker(conn, msg, out)  # type: ignore[arg-type]
         elif kind is m.RegisterClient:
-            self.clients[conn] = ClientRecord(conn, msg.name, msg.pid, msg.host)  # type: ignore[attr-defined]
-            self._log_event("client-connected", f"{msg.name} (pid {msg.pid} on {msg.host})")  # type: ignore[attr-defined]
+            client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME])  # type: ignore[attr-defined]
+            self.clients[conn] = client
+            self._log_event("client-connected", f"{client.name} (pid {client.pid} on {client.host})")
             out.append(Send(conn, m.Welcome(f"client-{conn}", self.config.heartbeat_interval)))
         else:
             out.append(Close(conn, f"expected a registration, got {msg.op!r}"))
@@ -225,13 +228,13 @@ class SchedulerState:
     # -------------------------------------------------------------- workers
     def _register_worker(self, conn: ConnId, msg: m.RegisterWorker, out: list[Command]) -> None:
         address = self.addresses.get(conn, f"conn-{conn}")
-        name = msg.name or address
+        name = (msg.name or address)[:MAX_NAME]
         if msg.nthreads < 1 or any(w.name == name for w in self.workers.values()):
             reason = "nthreads must be at least 1" if msg.nthreads < 1 else f"a worker named {name!r} is already registered"
             out.append(Close(conn, reason))
             self.addresses.pop(conn, None)
             return
-        worker = WorkerRecord(conn, address, name, msg.nthreads, msg.host, msg.pid, msg.memory_limit, self.now)
+        worker = WorkerRecord(conn, address, name, msg.nthreads, msg.host[:MAX_NAME], msg.pid, msg.memory_limit, self.now)
         self.workers[conn] = worker
         self.free_workers[conn] = worker
         self.data.worker_joined(conn, msg.data_address)
@@ -262,13 +265,14 @@ class SchedulerState:
         worker.completed += 1
         if task.cancelled:
             return
-        self.counters[f"done:{msg.status}"] += 1
-        if msg.status == m.ERROR:
-            self._log_event("batch-error", f"a task of {task.func_name} raised on {worker.name}")
         if msg.status not in (m.OK, m.ERROR):
             reason = f"worker {worker.name} reported invalid status {msg.status[:20]!r}"
             out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.FAILED, worker.name, reason)))
+            self.counters["done:failed"] += 1
             return
+        self.counters[f"done:{msg.status}"] += 1
+        if msg.status == m.ERROR:
+            self._log_event("batch-error", f"a task of {task.func_name} raised on {worker.name}")
         out.append(Send(task.call[0], m.BatchDone(task.batch_id, msg.status, worker.name, "", msg.frames)))
 
     def _release_slot(self, worker: WorkerRecord, task: TaskRecord) -> None:
@@ -286,6 +290,8 @@ class SchedulerState:
         self.addresses.pop(conn, None)
         worker = self.workers.pop(conn, None)
         if worker is not None:
+            if not self.workers:
+                self.no_workers_since = self.now
             why = worker.last_words or reason or "connection closed"
             if worker.status == m.RETIRING:
                 self._log_event("worker-left", f"{worker.name}: {why}")
@@ -418,12 +424,17 @@ class SchedulerState:
             self._fail_starved(now, out)
 
     def _fail_starved(self, now: float, out: list[Command]) -> None:
+        """Fail batches that have waited ``no_worker_timeout`` while no worker was connected."""
         limit = self.config.no_worker_timeout
+        if now - self.no_workers_since < limit:
+            return
+        reason = f"no worker connected to the scheduler within {limit:.0f} s"
         for client in self.clients.values():
             for call in client.calls.values():
-                while call.queue and self.tasks[call.queue[0]].queued_at <= now - limit:
-                    task = self.tasks.pop(call.queue.popleft())
-                    reason = f"no worker connected to the scheduler within {limit:.0f} s"
+                starved = [t for t in call.queue if self.tasks[t].queued_at <= now - limit]
+                for task_id in starved:
+                    call.queue.remove(task_id)
+                    task = self.tasks.pop(task_id)
                     out.append(Send(client.conn, m.BatchDone(task.batch_id, m.NO_WORKERS, "", reason)))
                     self.counters["done:no-workers"] += 1
                 if not call.ready:
