@@ -30,7 +30,7 @@ def _shared_client(address: str | None, secret: Any) -> Client:
     with _shared_lock:
         client = _shared_clients.get(key)
         if client is None or client.closed:
-            client = _shared_clients[key] = Client(address, secret=secret, set_as_current=address is not None)
+            client = _shared_clients[key] = Client(address, secret=secret, set_as_current=False)
         return client
 
 
@@ -128,7 +128,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         if n_jobs > 0:
             return n_jobs
         client = self.client or self._resolve_client()
-        return max(self._wait_for_slots(client) + 1 + n_jobs, 1)
+        # at least 2: joblib runs n_jobs == 1 in the caller, and -1 on a one-slot cluster means the cluster
+        return max(self._wait_for_slots(client) + 1 + n_jobs, 2)
 
     def start_call(self) -> None:
         assert self.client is not None
@@ -193,7 +194,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         return key
 
     def _resolve_client(self) -> Client:
-        if isinstance(self.scheduler, Client):
+        if hasattr(self.scheduler, "submit_batch"):  # a Client (duck-typed: a second import of the package still works)
             if self.scheduler.closed:
                 raise ValueError("the Client given as scheduler= is closed")
             return self.scheduler

@@ -54,7 +54,8 @@ def current_client() -> "Client | None":
 class Client:
     """Connects to a scheduler; with no address, starts and owns an embedded ``LocalCluster``.
 
-    ``Client("tcp://host:8686")``, ``Client(scheduler_file=path)``, or ``Client()`` for a
+    ``Client("tcp://host:8686")``, ``Client(scheduler_file=path)``, or ``Client()``: the
+    scheduler named by ``JOBSCHED_SCHEDULER`` / ``JOBSCHED_SCHEDULER_FILE`` if set, else a
     local cluster of ``n_workers`` worker processes (default: one per core).
     """
 
@@ -78,6 +79,9 @@ class Client:
         self._owns_cluster = False
         self.closed = False
         self.timeout = timeout
+        if address is None and scheduler_file is None:  # as dask reads DASK_SCHEDULER_ADDRESS
+            address = os.environ.get("JOBSCHED_SCHEDULER") or None
+            scheduler_file = os.environ.get("JOBSCHED_SCHEDULER_FILE") or None
         if address is None and scheduler_file is not None:
             address = read_scheduler_file(scheduler_file)
         if address is None:

@@ -361,7 +361,9 @@ def configure_logging(level: str = "INFO") -> None:
     """Send jobsched's own logs to stderr.  The root logger is left alone: on a worker,
     the tasks' log records are captured for their caller, not printed here."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # journald stamps each line itself: under systemd, leave the time out
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
     logger = logging.getLogger("jobsched")
     logger.addHandler(handler)
     logger.setLevel(getattr(logging, level.upper(), logging.INFO))

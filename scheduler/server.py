@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import logging
 import ssl as ssl_module
 import time
+from collections import deque
 from typing import Callable
 
 from ..protocol import Role
@@ -17,6 +19,7 @@ from .state import Close, MessageReceived, PeerConnected, PeerDisconnected, Sche
 log = logging.getLogger("jobsched.scheduler")
 
 TICK_INTERVAL = 0.25
+HISTORY_INTERVAL = 1.0
 
 
 def tune_gc() -> None:
@@ -49,6 +52,7 @@ class SchedulerServer:
         self.bytes_closed = [0, 0]  # received, sent by connections already closed
         self._events_logged = 0
         self._stopping = False
+        self.history: deque[dict] = deque(maxlen=300)  # one sample a second: the dashboard's chart
         self.on_dispatch: Callable[[float, bool], None] | None = None  # (seconds, sent a batch): metrics
 
     async def start(self) -> str:
@@ -56,7 +60,10 @@ class SchedulerServer:
             self.host, self.port, self.secret, frozenset({Role.CLIENT, Role.WORKER}), self._on_connection, ssl=self.ssl
         )
         sockname = self._server.sockets[0].getsockname()
-        host = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
+        host = sockname[0]
+        if host in ("0.0.0.0", "::"):  # all interfaces: advertise a name other hosts can reach
+            host = socket.getfqdn()
+        host = f"[{host}]" if ":" in host else host
         self.address = f"{'tls' if self.ssl else 'tcp'}://{host}:{sockname[1]}"
         config = SchedulerConfig(**{**self.config.__dict__, "address": self.address})
         self.state = SchedulerState(config)
@@ -77,9 +84,25 @@ class SchedulerServer:
         await asyncio.sleep(0)
 
     async def _tick_forever(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(TICK_INTERVAL)
             self._dispatch(Ticked(time.monotonic()))
+            ticks += 1
+            if ticks % round(HISTORY_INTERVAL / TICK_INTERVAL) == 0:
+                self._sample_history()
+
+    def _sample_history(self) -> None:
+        assert self.state is not None
+        counters = self.state.counters
+        failed = sum(counters[f"done:{s}"] for s in (m.ERROR, m.LOST, m.NO_WORKERS, m.FAILED))
+        self.history.append({
+            "time": time.time(),
+            "done": counters[f"done:{m.OK}"] + failed,
+            "failed": failed,
+            "running": sum(len(w.running) for w in self.state.workers.values()),
+            "queued": len(self.state.tasks) - sum(len(w.running) for w in self.state.workers.values()),
+        })
 
     def _on_connection(self, conn: Connection) -> None:
         conn_id = self._next_conn
@@ -87,9 +110,18 @@ class SchedulerServer:
         self.connections[conn_id] = conn
         self._dispatch(PeerConnected(conn_id, f"tcp://{conn.peer}"))
         conn.set_handlers(
-            lambda _c, message: self._dispatch(MessageReceived(conn_id, message)),
+            lambda _c, message: self._on_message(conn_id, conn, message),
             lambda _c, reason: self._on_close(conn_id, reason),
         )
+
+    def _on_message(self, conn_id: int, conn: Connection, message: m.Message) -> None:
+        state = self.state
+        assert state is not None
+        if type(message) is m.InfoRequest and (conn_id in state.clients or conn_id in state.workers):
+            # the same view as /api/status, with what only the server knows (bytes, dashboard, history)
+            conn.send(m.InfoReply(message.request_id, self.snapshot()))
+            return
+        self._dispatch(MessageReceived(conn_id, message))
 
     def _on_close(self, conn_id: int, reason: str) -> None:
         conn = self.connections.pop(conn_id, None)
@@ -144,4 +176,5 @@ class SchedulerServer:
         info["events"] = [dict(event, time=event["time"] + offset) for event in info["events"]]
         info["time"] = time.time()
         info["dashboard"] = self.dashboard
+        info["history"] = list(self.history)
         return info

@@ -239,7 +239,8 @@ class SchedulerState:
         self.free_workers[conn] = worker
         self.data.worker_joined(conn, msg.data_address)
         self.counters["workers_joined"] += 1
-        self._log_event("worker-joined", f"{name} ({msg.nthreads} threads, {msg.host} pid {msg.pid})")
+        threads = f"{msg.nthreads} thread{'s' if msg.nthreads != 1 else ''}"
+        self._log_event("worker-joined", f"{name} ({threads}, {worker.host} pid {msg.pid})")
         out.append(Send(conn, m.Welcome(name, self.config.heartbeat_interval)))
 
     def _on_worker_status(self, worker: WorkerRecord, status: str, out: list[Command]) -> None:

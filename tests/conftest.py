@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import psutil
 import pytest
 
 import jobsched
@@ -29,7 +29,6 @@ from jobsched.client import backend as backend_module
 TESTS_DIR = Path(__file__).resolve().parent
 BIN_DIR = Path(sys.executable).parent
 STARTUP_TIMEOUT = 20.0
-
 
 def daemon_env(secret: str | None = None) -> dict[str, str]:
     """Environment for a daemon: no inherited JOBSCHED_* settings, ``tasks`` importable."""
@@ -56,6 +55,15 @@ class Daemon:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def process_tree(self) -> set[int]:
+        """The daemon's pid and its descendants' (a worker runs its worker processes
+        as children of a supervisor, unless started with --no-nanny)."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            return {root.pid, *(c.pid for c in root.children(recursive=True))}
+        except psutil.NoSuchProcess:
+            return set()
 
     def log(self) -> str:
         try:
@@ -100,6 +108,9 @@ class DaemonPool:
     def spawn(self, kind: str, module: str, args: list[str], env: dict[str, str]) -> Daemon:
         self._count += 1
         log_path = self.tmp_path / f"{self._count:02d}-{kind}.log"
+        home = self.tmp_path / "home"  # no ~/.config/jobsched/jobsched.toml of the developer's
+        home.mkdir(exist_ok=True)
+        env = {**env, "HOME": str(home)}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", module, *args],
@@ -224,9 +235,16 @@ class RunningCluster:
     def address(self) -> str:
         return self.scheduler.address
 
-    @property
-    def worker_pids(self) -> set[int]:
-        return {w.pid for w in self.workers}
+    def task_pids(self) -> set[int]:
+        """The pids of the worker processes registered with the scheduler now."""
+        return {w["pid"] for w in self.client.scheduler_info()["workers"].values()}
+
+    def worker_of(self, pid: int) -> Daemon:
+        """The worker daemon whose process tree holds ``pid``."""
+        for daemon in self.workers:
+            if pid in daemon.process_tree():
+                return daemon
+        raise AssertionError(f"pid {pid} belongs to no worker daemon of this cluster")
 
 
 def start_cluster(daemons: DaemonPool, n_workers: int = 2, scheduler_args: tuple[str, ...] = (),
@@ -268,8 +286,3 @@ def _close_clients() -> Iterator[None]:
         if client is not None:
             client.close()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -65,17 +65,21 @@ def nested_sum(n: int) -> tuple[int, int]:
     return os.getpid(), total
 
 
+def _mark(directory: str) -> None:
+    d = Path(directory)
+    tmp = d / f".tmp-{os.getpid()}"
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(d / f"started-{os.getpid()}")  # atomic: readers never see an empty mark
+
+
 def slow_first_attempt(directory: str, seconds: float) -> int:
     """Leave a ``started-<pid>`` mark in ``directory``; the first attempt then sleeps.
 
     A test waits for the first mark and kills that worker: the batch is requeued
     and its second attempt (on another worker) returns at once.
     """
-    d = Path(directory)
-    first = not any(d.iterdir())
-    tmp = d / f".tmp-{os.getpid()}"
-    tmp.write_text(str(os.getpid()))
-    tmp.rename(d / f"started-{os.getpid()}")  # atomic: readers never see an empty mark
+    first = not any(Path(directory).glob("started-*"))
+    _mark(directory)
     if first:
         time.sleep(seconds)
     return os.getpid()
@@ -83,16 +87,14 @@ def slow_first_attempt(directory: str, seconds: float) -> int:
 
 def mark_and_sleep(directory: str, seconds: float) -> int:
     """Leave a ``started-<pid>`` mark in ``directory``, then sleep."""
-    d = Path(directory)
-    tmp = d / f".tmp-{os.getpid()}"
-    tmp.write_text(str(os.getpid()))
-    tmp.rename(d / f"started-{os.getpid()}")
+    _mark(directory)
     time.sleep(seconds)
     return os.getpid()
 
 
-def crash_worker() -> None:
-    """Kills the worker process running it, every time."""
+def crash_worker(directory: str) -> None:
+    """Leaves a ``started-<pid>`` mark, then kills the worker process running it, every time."""
+    _mark(directory)
     os._exit(13)
 
 

@@ -13,7 +13,7 @@ import sys
 from ..protocol.address import parse_address
 from ..protocol.aio import configure_logging, run_daemon
 from ..protocol.config import ConfigError, format_config, resolve
-from ..protocol.options import add_common_options, positive, tls_config
+from ..protocol.options import add_common_options, port, positive, tls_config
 from ..protocol.secret import load_secret
 from ..protocol.tls import client_context, server_context
 from .daemon import WorkerDaemon, cli_status
@@ -21,8 +21,12 @@ from .memory import parse_memory_limit
 from .supervisor import Supervisor, child_command
 
 
-def _memory_limit(text: str) -> str:
-    parse_memory_limit(text)  # validate now; it is resolved per process once --nworkers is known
+def memory_limit_option(text: str) -> str:
+    """Validate now; the limit is resolved per process once --nworkers is known."""
+    try:
+        parse_memory_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nthreads", type=positive(int), default=1, help="batches each process runs at once (default 1)")
     p.add_argument("--nworkers", type=positive(int), default=1, help="worker processes under this supervisor (default 1)")
     p.add_argument("--name", default="", help="worker name (default host-pid; with --nworkers, NAME-i); must be unique")
-    p.add_argument("--memory-limit", type=_memory_limit, default="0",
+    p.add_argument("--memory-limit", type=memory_limit_option, default="0",
                    help="per process: bytes, 4GiB, a fraction of RAM (0.5), or auto (RAM or cgroup limit / nworkers); "
                    "above 80%% a process takes no new batches, past the limit it is restarted (default: none)")
     p.add_argument("--death-timeout", type=positive(float), default=60.0,
@@ -49,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds to let running batches finish (default 30)")
     p.add_argument("--cancel-grace", type=positive(float), default=10.0,
                    help="a cancelled batch still running after this many seconds gets its process restarted (default 10)")
+    p.add_argument("--data-port", type=port, default=0,
+                   help="port peers fetch scattered data from, on the interface that reaches the scheduler "
+                   "(default 0: a free one; with --nworkers N, processes use PORT..PORT+N-1)")
     p.add_argument("--no-nanny", action="store_true", help="run one worker in this process, without a supervisor")
     add_common_options(p)
     return p
@@ -57,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _child_argv(args: argparse.Namespace, index: int, memory_limit: int) -> list[str]:
     argv = [*child_command(), *([args.scheduler] if args.scheduler else []), "--no-nanny", "--nthreads", str(args.nthreads),
             "--death-timeout", str(args.death_timeout), "--drain-timeout", str(args.drain_timeout),
-            "--cancel-grace", str(args.cancel_grace), "--memory-limit", str(memory_limit), "--log-level", args.log_level]
+            "--cancel-grace", str(args.cancel_grace), "--memory-limit", str(memory_limit), "--log-level", args.log_level,
+            "--data-port", str(args.data_port + index if args.data_port else 0)]
     if args.name:
         argv += ["--name", args.name if args.nworkers == 1 else f"{args.name}-{index}"]
     for option in ("scheduler_file", "secret_file", "tls_cert", "tls_key", "tls_ca_file"):
@@ -97,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     daemon = WorkerDaemon(
         address, scheduler_file=args.scheduler_file, nthreads=int(args.nthreads), name=args.name, secret=secret,
         death_timeout=float(args.death_timeout), memory_limit=memory_limit, ssl=ssl, data_ssl=data_ssl,
-        drain_timeout=float(args.drain_timeout), cancel_grace=float(args.cancel_grace),
+        drain_timeout=float(args.drain_timeout), cancel_grace=float(args.cancel_grace), data_port=int(args.data_port),
         supervised=os.environ.get("JOBSCHED_SUPERVISED") == "1",
     )
-    return cli_status(run_daemon(daemon.run))
+    status = run_daemon(daemon.run)
+    # under a supervisor, report the daemon's own status: it tells fatal from restartable
+    return status if os.environ.get("JOBSCHED_SUPERVISED") == "1" else cli_status(status)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class WorkerDaemon:
         ssl: ssl_module.SSLContext | None = None,
         data_ssl: ssl_module.SSLContext | None = None,
         drain_timeout: float = 30.0,
+        data_port: int = 0,
         cancel_grace: float = 10.0,
         supervised: bool = False,
     ) -> None:
@@ -96,6 +97,7 @@ class WorkerDaemon:
         self.memory_limit = memory_limit
         self.ssl = ssl
         self.drain_timeout = drain_timeout
+        self.data_port = data_port
         self.cancel_grace = cancel_grace
         self.supervised = supervised
         self.pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="jobsched-task")
@@ -247,7 +249,7 @@ class WorkerDaemon:
 
         conn.set_handlers(on_message, on_close)
         sockname = conn.transport.get_extra_info("sockname") if conn.transport else None
-        data_address = await self.data.start(sockname[0] if sockname else "127.0.0.1")
+        data_address = await self.data.start(sockname[0] if sockname else "127.0.0.1", self.data_port)
         conn.send(m.RegisterWorker(
             self.name, self.nthreads, os.getpid(), socket.gethostname(), self.memory_limit, data_address
         ))
@@ -307,8 +309,8 @@ class WorkerDaemon:
         self._loop.call_later(0.2, os._exit, EXIT_RESTART)
 
     def _cancel_overran(self, state: WorkerState, key: tuple[int, int]) -> None:
-        if key not in state.running:
-            return
+        if state is not self._state or self._conn is None or self._conn.closed or key not in state.running:
+            return  # finished, or from a session that has ended
         func = state.running[key]
         if self.supervised:
             self._restart(f"a cancelled batch of {func} overran its {self.cancel_grace:.0f} s grace period", clean=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import psutil
@@ -11,13 +12,36 @@ _UNITS = {
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_CGROUP_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 
-def available_memory() -> int:
-    """Total RAM, or the cgroup's limit if lower (a systemd ``MemoryMax=``, a container)."""
+def _cgroup_limit_files(proc_cgroup: str = "/proc/self/cgroup", root: str = CGROUP_ROOT) -> list[str]:
+    """The memory limit files of this process's cgroup and all its parents (v2 and v1)."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: 0::/system.slice/jobsched-worker@1.service
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # a parent's limit binds too
+            files.append(os.path.join(base, *parts[:depth], name))
+    return files
+
+
+def available_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = CGROUP_ROOT) -> int:
+    """Total RAM, or the tightest limit of our cgroup and its parents if lower (systemd's
+    ``MemoryMax=``, a SLURM job, a container)."""
     total = psutil.virtual_memory().total
-    for path in _CGROUP_FILES:
+    for path in _cgroup_limit_files(proc_cgroup, root):
         try:
             with open(path) as f:
                 text = f.read().strip()

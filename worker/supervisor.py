@@ -66,8 +66,12 @@ class Supervisor:
         for child in self.children:
             self._start(child)
         status = 0
+        parent = os.environ.get("JOBSCHED_PARENT_PID", "")
         while not self._stopping:
             time.sleep(POLL_INTERVAL)
+            if parent.isdigit() and os.getppid() != int(parent):
+                log.warning("parent process %s is gone; stopping", parent)
+                break
             for child in self.children:
                 outcome = self._check(child)
                 if outcome is not None:
@@ -90,6 +94,10 @@ class Supervisor:
         if code in (EXIT_SCHEDULER_GONE, EXIT_FATAL):
             log.error("worker process %d exited with status %d; stopping", child.index, code)
             return cli_status(code)
+        if code == 0:  # it was stopped on purpose (SIGTERM to it or to the whole group): leave it
+            log.info("worker process %d (pid %d) stopped", child.index, child.proc.pid)
+            child.proc, child.ps, child.restart_at = None, None, float("inf")
+            return 0 if all(c.proc is None and c.restart_at == float("inf") for c in self.children) else None
         lived = now - child.started
         child.quick_deaths = child.quick_deaths + 1 if lived < 10 else 0
         delay = min(0.5 * 2 ** max(child.quick_deaths - 1, 0), 30.0) if child.quick_deaths else 0.0

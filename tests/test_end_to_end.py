@@ -1,0 +1,130 @@
+"""End to end: scikit-learn searches under ``parallel_config(backend="cluster")`` give the serial results."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from joblib import parallel_config
+
+import jobsched
+from conftest import RunningCluster
+from jobsched.client import backend as backend_module
+from jobsched.client import current_client
+
+sklearn = pytest.importorskip("sklearn")
+from scipy.stats import loguniform  # noqa: E402  (scikit-learn depends on scipy)
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.ensemble import RandomForestClassifier  # noqa: E402
+from sklearn.model_selection import RandomizedSearchCV, cross_val_score  # noqa: E402
+from sklearn.svm import SVC  # noqa: E402
+
+TIMING_KEYS = {"mean_fit_time", "std_fit_time", "mean_score_time", "std_score_time"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    rng = np.random.RandomState(0)
+    rows = rng.choice(len(X), 600, replace=False)  # a subsample keeps the searches fast
+    return X[rows], y[rows]
+
+
+def make_search(n_jobs):
+    return RandomizedSearchCV(
+        SVC(),
+        {"C": loguniform(1e-2, 1e3), "gamma": loguniform(1e-4, 1e-1), "kernel": ["rbf", "poly"]},
+        n_iter=8,
+        cv=3,
+        random_state=0,
+        n_jobs=n_jobs,
+    )
+
+
+@pytest.fixture(scope="module")
+def serial_search(digits):
+    X, y = digits
+    with parallel_config(backend="sequential"):
+        return make_search(n_jobs=1).fit(X, y)
+
+
+def assert_same_cv_results(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected)
+    compared = 0
+    for key in sorted(set(expected) - TIMING_KEYS):
+        a, e = actual[key], expected[key]
+        if isinstance(e, np.ma.MaskedArray):
+            assert isinstance(a, np.ma.MaskedArray), key
+            np.testing.assert_array_equal(np.ma.getmaskarray(a), np.ma.getmaskarray(e), err_msg=key)
+            assert a.compressed().tolist() == e.compressed().tolist(), key
+        elif isinstance(e, np.ndarray):
+            assert a.dtype == e.dtype, key
+            np.testing.assert_array_equal(a, e, err_msg=key)  # exact, not approximate
+        else:
+            assert a == e, key
+        compared += 1
+    assert compared >= 10  # params, param_*, split*_test_score, mean/std/rank_test_score
+
+
+def check_search(digits, serial_search) -> RandomizedSearchCV:
+    X, y = digits
+    search = make_search(n_jobs=-1).fit(X, y)
+    assert_same_cv_results(search.cv_results_, serial_search.cv_results_)
+    assert search.best_params_ == serial_search.best_params_
+    assert search.best_score_ == serial_search.best_score_
+    np.testing.assert_array_equal(search.predict(X), serial_search.predict(X))
+    return search
+
+
+def completed_on(client: jobsched.Client) -> int:
+    return sum(w["completed"] for w in client.scheduler_info()["workers"].values())
+
+
+@pytest.mark.timeout(180)
+def test_randomized_search_on_two_worker_daemons(cluster: RunningCluster, digits, serial_search):
+    with parallel_config(backend="cluster"):  # the current Client: the fixture's
+        check_search(digits, serial_search)
+    # the fits ran on the cluster, on both workers: 8 candidates x 3 folds plus the refit
+    workers = cluster.client.scheduler_info()["workers"].values()
+    assert all(w["completed"] > 0 for w in workers), list(workers)
+
+
+@pytest.mark.timeout(180)
+def test_randomized_search_on_embedded_default(digits, serial_search):
+    # no Client is current, so the backend starts an embedded LocalCluster and owns it
+    assert current_client() is None
+    with parallel_config(backend="cluster"):
+        check_search(digits, serial_search)
+    embedded = backend_module._shared_clients.get((None, None))
+    assert embedded is not None and embedded.cluster is not None, "no embedded local cluster was started"
+    assert completed_on(embedded) > 0
+    processes = list(embedded.cluster.processes)
+    assert processes and all(p.poll() is None for p in processes)
+    assert os.getpid() not in {w["pid"] for w in embedded.scheduler_info()["workers"].values()}
+    embedded.close()
+    # closing the owning Client ends the embedded daemons
+    assert all(p.poll() is not None for p in processes)
+
+
+@pytest.mark.timeout(120)
+def test_cross_val_score_matches_serial(cluster: RunningCluster, digits):
+    X, y = digits
+    serial = cross_val_score(SVC(gamma=0.001), X, y, cv=5, n_jobs=1)
+    before = completed_on(cluster.client)
+    with parallel_config(backend="cluster"):
+        distributed = cross_val_score(SVC(gamma=0.001), X, y, cv=5, n_jobs=-1)
+    np.testing.assert_array_equal(distributed, serial)
+    assert completed_on(cluster.client) > before
+
+
+@pytest.mark.timeout(120)
+def test_random_forest_matches_serial(cluster: RunningCluster, digits):
+    X, y = digits
+    serial = RandomForestClassifier(n_estimators=40, random_state=0, n_jobs=1).fit(X, y)
+    before = completed_on(cluster.client)
+    with parallel_config(backend="cluster"):
+        forest = RandomForestClassifier(n_estimators=40, random_state=0, n_jobs=-1).fit(X, y)
+    assert completed_on(cluster.client) > before, "the trees were not built on the cluster"
+    np.testing.assert_array_equal(forest.predict(X), serial.predict(X))
+    np.testing.assert_array_equal(forest.predict_proba(X), serial.predict_proba(X))
