@@ -131,7 +131,7 @@ class Connection(asyncio.BufferedProtocol):
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection closed by peer")
         self._mark_closed(reason)
         if not self.authenticated.done():
-            self.authenticated.set_exception(ConnectionError(reason))
+            self.authenticated.set_exception(exc if isinstance(exc, ConnectionError) else ConnectionError(reason))
             self.authenticated.exception()  # mark retrieved: the opener may have given up
         handler = self.on_close
         if handler is not None:
@@ -268,8 +268,8 @@ async def open_connection(
     except ssl_module.SSLError as exc:
         raise TLSError(f"TLS handshake with the {peer_name} at {host}:{port} failed: {exc.reason or exc}") from None
     except ConnectionError as exc:
-        if isinstance(exc, ConnectionRefusedError):
-            raise
+        if isinstance(exc, (ConnectionRefusedError, ConnectionResetError)):
+            raise  # nobody listening, or the peer went away: not a handshake problem
         hint = (
             "with TLS this usually means it did not accept our certificate (--tls-cert / --tls-ca-file)"
             if ssl is not None

@@ -7,6 +7,7 @@ default) that restarts crashed ones; ``--no-nanny`` runs one worker in this proc
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -110,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     status = run_daemon(daemon.run)
     # under a supervisor, report the daemon's own status: it tells fatal from restartable
-    return status if os.environ.get("JOBSCHED_SUPERVISED") == "1" else cli_status(status)
+    code = status if os.environ.get("JOBSCHED_SUPERVISED") == "1" else cli_status(status)
+    if daemon.in_flight:
+        # threads still run user code (drain timed out, or a restart): a normal exit would wait for them
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -107,6 +107,8 @@ class WorkerDaemon:
         self._conn: Connection | None = None
         self._state: WorkerState | None = None
         self._exit_code: int | None = None
+        self.in_flight = 0  # batches running in the pool's threads, whatever their session
+        self._deliver = None
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (exit 0) or the scheduler is gone for good (exit 1)."""
@@ -163,6 +165,10 @@ class WorkerDaemon:
         self._session += 1
         session = self._session
         state = WorkerState(self.nthreads)
+        orphans = dict(self._state.running) if self._state is not None else {}
+        for key, func in orphans.items():  # still running from the last session: their threads stay busy
+            state.running[key] = func
+            state.cancelled.add(key)
         self.data.delete(list(self.data.frames))  # a new session: the scheduler knows none of it
         closed = loop.create_future()
         welcomed = loop.create_future()
@@ -184,17 +190,20 @@ class WorkerDaemon:
                 drained.set()
 
         def start(command: StartTask) -> None:
+            self.in_flight += 1
             future = self.pool.submit(run_batch, command.frames)
 
             def finished(f) -> None:
                 status, frames, duration = f.result()
-                loop.call_soon_threadsafe(completed, command.task_id, command.attempt, status, frames, duration)
+                loop.call_soon_threadsafe(self._completed, command.task_id, command.attempt, status, frames, duration)
 
             future.add_done_callback(finished)
 
         def completed(task_id: int, attempt: int, status: str, frames: list, duration: float) -> None:
-            if session == self._session and not conn.closed:
-                carry_out(state.handle(TaskCompleted(task_id, attempt, status, tuple(frames), duration)))
+            # always free the slot; the report goes nowhere if the connection is gone
+            carry_out(state.handle(TaskCompleted(task_id, attempt, status, tuple(frames), duration)))
+
+        self._deliver = completed  # a batch finishing after a reconnect frees its slot in the new session
 
         def on_message(_conn: Connection, message: m.Message) -> None:
             kind = type(message)
@@ -244,6 +253,7 @@ class WorkerDaemon:
                 arrived(key, frames)
 
         def on_close(_conn: Connection, reason: str) -> None:
+            state.handle(RetireRequested())  # start nothing more: the scheduler requeues what waited here
             if not closed.done():
                 closed.set_result(reason)
 
@@ -262,6 +272,8 @@ class WorkerDaemon:
             log.warning("registration with %s failed: %s", self.address, reason)
             return
         self._conn, self._state = conn, state
+        for key in orphans:
+            loop.call_later(self.cancel_grace, self._cancel_overran, state, key)
         interval = welcomed.result().heartbeat_interval
         log.info("worker %s joined the scheduler at %s with %d threads", self.name, self.address, self.nthreads)
         stopper = loop.create_task(stop.wait())
@@ -304,9 +316,15 @@ class WorkerDaemon:
                 conn.send(m.WorkerStatus(m.RETIRING))
             conn.send(m.Closing(reason))
             conn.close(reason)
-        self._stop.set()
-        # threads running user code cannot be stopped: leave the process once the goodbye is out
-        self._loop.call_later(0.2, os._exit, EXIT_RESTART)
+        # let the goodbye go out, then stop: the command line ends the process even though
+        # threads still run user code (see ``in_flight``); the timer is a backstop for a stuck loop
+        self._loop.call_later(0.2, self._stop.set)
+        threading.Timer(5.0, os._exit, [EXIT_RESTART]).start()
+
+    def _completed(self, task_id: int, attempt: int, status: str, frames: list, duration: float) -> None:
+        self.in_flight -= 1
+        if self._deliver is not None:
+            self._deliver(task_id, attempt, status, frames, duration)
 
     def _cancel_overran(self, state: WorkerState, key: tuple[int, int]) -> None:
         if state is not self._state or self._conn is None or self._conn.closed or key not in state.running:
@@ -329,7 +347,7 @@ class WorkerDaemon:
                 running = ", ".join(self._state.running.values()) if self._state else ""
                 reason = (f"exceeded its memory limit ({rss / 2**20:.0f} MiB > {self.memory_limit / 2**20:.0f} MiB)"
                           + (f" while running {running}" if running else ""))
-                self._loop.call_soon_threadsafe(lambda: self._restart(reason, clean=False))
+                self._loop.call_soon_threadsafe(lambda why=reason: self._restart(why, clean=False))
                 return
             want_pause = rss > PAUSE_FRACTION * self.memory_limit or (paused and rss > RESUME_FRACTION * self.memory_limit)
             if want_pause != paused:
