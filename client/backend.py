@@ -96,6 +96,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
             "log_level": None if forward_logging is False or forward_logging is None else int(forward_logging),
             "output_cap": int(output_cap),
         }
+        self._parallel_ref: "weakref.ref[Any] | None" = None
         self.client: Client | None = None
         self.auto_scatter_threshold = int(auto_scatter_threshold or 0)
         self._refs: dict[int, tuple[str, Any]] = {}  # id(obj) -> (key, obj): scattered by this context
@@ -148,7 +149,15 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def submit(self, func: Callable, callback: Callable | None = None) -> Future:
         assert self.client is not None
-        frames, keys = dumps_batch((func, self._context), self._refs, self.auto_scatter_threshold, self._register)
+        try:
+            frames, keys = dumps_batch((func, self._context), self._refs, self.auto_scatter_threshold, self._register)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable argument
+            # joblib may submit from its callback, where a raise is lost: fail the batch instead
+            future: Future = Future()
+            future.set_exception(exc)
+            if callback is not None:
+                future.add_done_callback(callback)
+            return future
         future = self.client.submit_batch(
             frames, keys=keys, call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running
         )
@@ -177,16 +186,23 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def terminate(self) -> None:
         self.reset_batch_stats()
-        # break the backend <-> Parallel cycle, so that this backend (and the data it
-        # scattered) is freed as soon as its parallel_config context exits
-        self.parallel = None
+
+    # joblib sets ``backend.parallel``; holding it weakly avoids a backend <-> Parallel cycle,
+    # so the backend (and the data it scattered) is freed as soon as its context exits
+    @property
+    def parallel(self) -> Any:
+        return self._parallel_ref() if self._parallel_ref is not None else None
+
+    @parallel.setter
+    def parallel(self, value: Any) -> None:
+        self._parallel_ref = weakref.ref(value) if value is not None else None
 
     # ------------------------------------------------------------ internals
     def _register(self, obj: Any, nbytes: int = 0, broadcast: bool = False) -> str:
         """Scatter ``obj`` for the lifetime of this backend (the parallel_config context)."""
         assert self.client is not None
         key = new_key(obj)
-        self.client.register_data(key, dumps(obj), broadcast=broadcast)
+        self.client.register_data(key, dumps(obj, out_of_band_min=0), broadcast=broadcast)
         self._refs[id(obj)] = (key, obj)
         if not self._owned_keys:
             weakref.finalize(self, _release, weakref.ref(self.client), self._owned_keys)

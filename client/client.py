@@ -1,9 +1,10 @@
 """``Client``: a synchronous handle on a scheduler, over an asyncio loop in a background thread.
 
 Threads: the caller's thread pickles batches and queues them; the loop thread
-does all socket I/O; a callback thread unpickles results and completes the
-futures (so joblib's callbacks, which pickle and submit the next batch, never
-block socket I/O).
+does the socket I/O, and also unpickles results, replays the tasks' output and
+completes the futures, whose callbacks (joblib's) pickle and submit the next
+batch right there.  Keeping that path on one thread saves two thread hand-offs
+per batch; it never waits on another thread, so it cannot deadlock the loop.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import itertools
 import logging
 import os
 import pickle
-import queue
 import socket
 import threading
 import time
@@ -106,14 +106,11 @@ class Client:
         self._outbox_lock = threading.Lock()
         self._wakeup_scheduled = False
         self._conn: Connection | None = None
-        self._results: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._data: dict[str, tuple] = {}  # scattered by us: key -> pickled frames, until released
 
         self._loop = new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="jobsched-client-io", daemon=True)
         self._loop_thread.start()
-        self._callback_thread = threading.Thread(target=self._run_callbacks, name="jobsched-callbacks", daemon=True)
-        self._callback_thread.start()
         try:
             self._connect()
             if self.cluster is not None and self.cluster.n_workers:
@@ -145,7 +142,7 @@ class Client:
         def on_message(_c: Connection, message: m.Message) -> None:
             kind = type(message)
             if kind is m.BatchDone:
-                self._results.put(message)
+                self._deliver(message)  # type: ignore[arg-type]
             elif kind is m.InfoReply:
                 request = self._requests.pop(message.request_id, None)  # type: ignore[attr-defined]
                 if request is not None:
@@ -165,7 +162,7 @@ class Client:
         def on_close(_c: Connection, reason: str) -> None:
             if not welcomed.done():
                 welcomed.set_exception(ConnectionError(reason))
-            self._results.put(("lost", conn, reason))
+            self._fail_all(conn, reason)
 
         conn.set_handlers(on_message, on_close)
         conn.send(m.RegisterClient(self.name, os.getpid(), socket.gethostname()))
@@ -193,7 +190,10 @@ class Client:
             if self._wakeup_scheduled:
                 return
             self._wakeup_scheduled = True
-        self._loop.call_soon_threadsafe(self._flush_outbox)
+        if threading.get_ident() == self._loop_thread.ident:
+            self._loop.call_soon(self._flush_outbox)  # from a callback: no need to wake the loop
+        else:
+            self._loop.call_soon_threadsafe(self._flush_outbox)
 
     def _flush_outbox(self) -> None:
         with self._outbox_lock:
@@ -205,7 +205,7 @@ class Client:
             for message in messages:
                 if type(message) is m.SubmitBatch:
                     error = f"not connected to the scheduler at {self.address}"
-                    self._results.put(m.BatchDone(message.batch_id, m.FAILED, "", error))
+                    self._deliver(m.BatchDone(message.batch_id, m.FAILED, "", error))
             return
         for message in messages:
             conn.send(message)
@@ -243,7 +243,7 @@ class Client:
         reference is garbage collected, or when this Client closes.
         """
         self._check_open()
-        frames = dumps(obj)
+        frames = dumps(obj, out_of_band_min=0)  # every array read-only and shared on the workers
         key = new_key(obj)
         ref = ScatteredRef(key, m.frames_nbytes(frames))
         self.register_data(key, frames, broadcast=broadcast)
@@ -262,20 +262,8 @@ class Client:
             self._send(m.ReleaseData(keys))
 
     # -------------------------------------------------------------- receiving
-    def _run_callbacks(self) -> None:
-        while True:
-            item = self._results.get()
-            if item is None:
-                return
-            try:
-                if type(item) is m.BatchDone:
-                    self._deliver(item)
-                else:
-                    self._fail_all(item[1], item[2])
-            except Exception:  # a failing callback must not stop result delivery
-                log.exception("error delivering a batch result")
-
     def _deliver(self, message: m.BatchDone) -> None:
+        """Complete a batch's future (on the loop thread; its callbacks run here too)."""
         entry = self._pending.pop(message.batch_id, None)
         if entry is None:
             return  # cancelled call
@@ -364,7 +352,6 @@ class Client:
             self._loop.call_soon_threadsafe(shutdown)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(5)
-        self._results.put(None)
         for future, _ in self._pending.values():
             if not future.done():
                 future.set_exception(ClusterError("the Client was closed"))

@@ -13,11 +13,6 @@ import tempfile
 import time
 
 
-# Thread pools of numerical libraries: limited per worker so that workers x threads <= cores.
-THREAD_LIMIT_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -86,15 +81,12 @@ class LocalCluster:
             "--dashboard-address", "127.0.0.1:0",
         )
         if self.n_workers:
-            env = self._env()
-            threads = max(available_cores() // self.n_workers, 1) * self.threads_per_worker
-            for var in THREAD_LIMIT_VARS:
-                env.setdefault(var, str(threads))
-            # one supervisor running n_workers processes; it restarts any that crash
+            # one supervisor running n_workers processes; it restarts any that crash, and caps
+            # their BLAS/OpenMP threads so that workers x threads <= cores
             self._spawn(
                 "jobsched.worker", "--scheduler-file", path, "--nworkers", str(self.n_workers),
                 "--nthreads", str(self.threads_per_worker), "--name", f"local-{os.getpid()}",
-                "--death-timeout", "10", "--drain-timeout", "5", env=env,
+                "--death-timeout", "10", "--drain-timeout", "5",
             )
         deadline = time.monotonic() + timeout
         while not os.path.exists(path):

@@ -15,6 +15,7 @@ name, message and remote traceback.
 from __future__ import annotations
 
 import pickle
+import threading
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -26,13 +27,13 @@ OUT_OF_BAND_MIN = 64 * 1024
 OUT_OF_BAND_MAX = 512  # well under FrameLimits.max_buffers, leaving room for a message's own frames
 
 
-def out_of_band_collector(buffers: list) -> Callable[[pickle.PickleBuffer], bool]:
-    """A pickle ``buffer_callback`` that moves buffers of ``OUT_OF_BAND_MIN`` bytes or more to
+def out_of_band_collector(buffers: list, minimum: int = OUT_OF_BAND_MIN) -> Callable[[pickle.PickleBuffer], bool]:
+    """A pickle ``buffer_callback`` that moves buffers of ``minimum`` bytes or more to
     ``buffers``, up to ``OUT_OF_BAND_MAX`` of them (a frame's buffer count is capped)."""
 
     def collect(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
-        if raw.nbytes < OUT_OF_BAND_MIN or len(buffers) >= OUT_OF_BAND_MAX:
+        if raw.nbytes < minimum or len(buffers) >= OUT_OF_BAND_MAX:
             return True  # true: serialize in band
         buffers.append(raw)
         return False
@@ -40,10 +41,10 @@ def out_of_band_collector(buffers: list) -> Callable[[pickle.PickleBuffer], bool
     return collect
 
 
-def dumps(obj: Any) -> list[Buffer]:
+def dumps(obj: Any, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Buffer]:
     """Pickle ``obj``; returns ``[pickle_stream, *out_of_band_buffers]``."""
     buffers: list[Buffer] = []
-    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band_collector(buffers))
+    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band_collector(buffers, out_of_band_min))
     return [stream, *buffers]
 
 
@@ -54,17 +55,37 @@ def loads(frames: Sequence[Buffer]) -> Any:
 
 
 # ---------------------------------------------------------------- scattered data
-# On a worker, the scattered objects it holds, by key.  A client pickles a
-# scattered object as a call to ``resolve_scattered(key)``, so the worker's copy
-# takes its place when a batch is unpickled.
-DATA_STORE: dict[str, Any] = {}
+# On a worker, the pickled frames of the scattered objects it holds, by key.  A
+# client pickles a scattered object as a call to ``resolve_scattered(key)``, so
+# the worker's copy takes its place when a batch is unpickled.  Scattered
+# objects are pickled with every buffer out of band (``dumps(obj, out_of_band_min=0)``):
+# each batch unpickles its own copy, whose arrays are read-only views of the one
+# received buffer.  Tasks share the memory, never each other's mutations.
+DATA_STORE: dict[str, tuple] = {}
+_batch = threading.local()  # objects already resolved while unpickling the current batch
 
 
 def resolve_scattered(key: str) -> Any:
+    cache = getattr(_batch, "objects", None)
+    if cache is not None and key in cache:
+        return cache[key]  # the same object everywhere in one batch, as pickling by value gives
     try:
-        return DATA_STORE[key]
+        frames = DATA_STORE[key]
     except KeyError:
         raise LookupError(f"scattered data {key!r} is not held by this worker") from None
+    obj = loads_readonly(frames)
+    if cache is not None:
+        cache[key] = obj
+    return obj
+
+
+def loads_batch(frames: Sequence[Buffer]) -> Any:
+    """``loads`` for a batch, resolving each scattered key it refers to once."""
+    _batch.objects = {}
+    try:
+        return loads(frames)
+    finally:
+        _batch.objects = None
 
 
 def loads_readonly(frames: Sequence[Buffer]) -> Any:

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="workers a batch may see die before it fails with WorkerLostError (default 3)")
     p.add_argument("--no-worker-timeout", type=positive(float), default=60.0,
                    help="seconds a batch waits while no worker is connected before it fails (default 60)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="never send a busy worker a batch to hold (by default, calls whose batches run "
+                   "under 20 ms get one extra batch per slot, so workers do not wait a round trip)")
     p.add_argument("--dashboard-address", default="127.0.0.1:8687",
                    help="HOST:PORT for the dashboard, /health, /metrics and /api/status (default 127.0.0.1:8687; "
                    "'none' disables it; a busy port falls back to a free one)")
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_timeout=float(args.heartbeat_timeout),
         max_deaths=int(args.allowed_failures),
         no_worker_timeout=float(args.no_worker_timeout),
+        prefetch=not args.no_prefetch,
     )
 
     async def serve(stop: asyncio.Event) -> int:

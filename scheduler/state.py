@@ -23,6 +23,7 @@ from ..protocol import messages as m
 from .data import DataDirectory
 
 ConnId = int
+SHORT_BATCH = 0.02  # seconds: calls whose batches run shorter than this get prefetching
 MAX_NAME = 200  # peers name themselves: keep what we store and report bounded
 CallKey = tuple[ConnId, int]
 
@@ -92,6 +93,11 @@ class CallRecord:
     max_running: int  # 0: no cap
     queue: deque = field(default_factory=deque)  # task ids waiting
     running: dict = field(default_factory=dict)  # task_id -> None, an ordered set
+    mean_duration: float = -1.0  # moving average of its batches' run time; -1: none finished yet
+
+    @property
+    def short(self) -> bool:
+        return 0.0 <= self.mean_duration < SHORT_BATCH
 
     @property
     def ready(self) -> bool:
@@ -118,6 +124,11 @@ class WorkerRecord:
     def has_room(self) -> bool:
         return self.status == m.RUNNING and len(self.running) < self.nthreads
 
+    @property
+    def can_prefetch(self) -> bool:
+        """Every slot busy, but room to hold one more batch per slot, ready to start."""
+        return self.status == m.RUNNING and self.nthreads <= len(self.running) < 2 * self.nthreads
+
 
 @dataclass(slots=True)
 class ClientRecord:
@@ -135,6 +146,10 @@ class SchedulerConfig:
     heartbeat_timeout: float = 30.0  # silence after which a worker is declared dead
     max_deaths: int = 3  # workers a batch may take down before it fails
     no_worker_timeout: float = 60.0  # how long a batch waits when no worker is connected
+    # Send a worker whose slots are all busy one more batch per slot, when the call's batches are
+    # short: it starts the next at once instead of waiting a round trip.  Long batches never
+    # wait behind another one, so the load stays balanced at the end of a call.
+    prefetch: bool = False
 
 
 class SchedulerState:
@@ -147,6 +162,7 @@ class SchedulerState:
         self.tasks: dict[int, TaskRecord] = {}
         self.ready_calls: dict[CallKey, CallRecord] = {}  # ordered: round robin
         self.free_workers: dict[ConnId, WorkerRecord] = {}  # ordered: round robin
+        self.prefetch_workers: dict[ConnId, WorkerRecord] = {}  # all slots busy, may hold more
         self.data = DataDirectory()
         self._next_task_id = 1
         self.stale_results = 0
@@ -236,7 +252,7 @@ class SchedulerState:
             return
         worker = WorkerRecord(conn, address, name, msg.nthreads, msg.host[:MAX_NAME], msg.pid, msg.memory_limit, self.now)
         self.workers[conn] = worker
-        self.free_workers[conn] = worker
+        self._place(worker)
         self.data.worker_joined(conn, msg.data_address)
         self.counters["workers_joined"] += 1
         threads = f"{msg.nthreads} thread{'s' if msg.nthreads != 1 else ''}"
@@ -251,10 +267,15 @@ class SchedulerState:
         if worker.status == m.RETIRING:
             return  # retiring is final
         worker.status = status
-        if worker.has_room:
-            self.free_workers.setdefault(worker.conn, worker)
-        else:
-            self.free_workers.pop(worker.conn, None)
+        self._place(worker)
+
+    def _place(self, worker: WorkerRecord) -> None:
+        """Keep ``free_workers`` and ``prefetch_workers`` in line with the worker's load."""
+        for pool, belongs in ((self.free_workers, worker.has_room), (self.prefetch_workers, worker.can_prefetch)):
+            if belongs:
+                pool.setdefault(worker.conn, worker)
+            else:
+                pool.pop(worker.conn, None)
 
     def _on_task_done(self, worker: WorkerRecord, msg: m.TaskDone, out: list[Command]) -> None:
         task = self.tasks.get(msg.task_id)
@@ -266,6 +287,9 @@ class SchedulerState:
         worker.completed += 1
         if task.cancelled:
             return
+        call = self._call_of(task)
+        if call is not None:
+            call.mean_duration = msg.duration if call.mean_duration < 0 else 0.8 * call.mean_duration + 0.2 * msg.duration
         if msg.status not in (m.OK, m.ERROR):
             reason = f"worker {worker.name} reported invalid status {msg.status[:20]!r}"
             out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.FAILED, worker.name, reason)))
@@ -279,8 +303,7 @@ class SchedulerState:
     def _release_slot(self, worker: WorkerRecord, task: TaskRecord) -> None:
         del worker.running[task.task_id]
         task.worker = None
-        if worker.has_room:
-            self.free_workers.setdefault(worker.conn, worker)
+        self._place(worker)
         call = None if task.cancelled else self._call_of(task)  # a cancelled call's id may be reused
         if call is not None:
             del call.running[task.task_id]
@@ -300,6 +323,7 @@ class SchedulerState:
                 self.counters["worker_deaths"] += 1
                 self._log_event("worker-died", f"{worker.name} with {len(worker.running)} batches running: {why}")
             self.free_workers.pop(conn, None)
+            self.prefetch_workers.pop(conn, None)
             self.data.worker_left(conn, self._sender(out))
             self._requeue_lost(worker, out)
         client = self.clients.pop(conn, None)
@@ -311,6 +335,8 @@ class SchedulerState:
             self.data.client_left(conn, self._sender(out))
 
     def _requeue_lost(self, worker: WorkerRecord, out: list[Command]) -> None:
+        # the oldest assignments were running; later ones (prefetched) most likely had not started
+        started = set(list(worker.running)[: worker.nthreads])
         for task_id in reversed(list(worker.running)):  # reversed: appendleft keeps order
             task = self.tasks[task_id]
             del worker.running[task_id]
@@ -318,7 +344,7 @@ class SchedulerState:
             if task.cancelled:
                 del self.tasks[task_id]
                 continue
-            if worker.status != m.RETIRING:  # a clean exit is no death
+            if worker.status != m.RETIRING and task_id in started:  # a clean exit is no death
                 task.deaths += 1
             call = self._call_of(task)
             assert call is not None
@@ -388,30 +414,37 @@ class SchedulerState:
 
     # ----------------------------------------------------------- scheduling
     def _schedule(self, out: list[Command]) -> None:
-        ready, free = self.ready_calls, self.free_workers
-        while ready and free:
-            key = next(iter(ready))
+        ready = self.ready_calls
+        while ready:
+            if self.free_workers:
+                key, workers = next(iter(ready)), self.free_workers
+            elif self.prefetch_workers and self.config.prefetch:
+                key = next((k for k, c in ready.items() if c.short), None)  # only short batches wait
+                if key is None:
+                    return
+                workers = self.prefetch_workers
+            else:
+                return
             call = ready.pop(key)
             task = self.tasks[call.queue.popleft()]
-            conn = self._pick_worker(task)
-            worker = free.pop(conn)
+            conn = self._pick_worker(task, workers)
+            worker = workers.pop(conn)
             task.attempt += 1
             task.worker = conn
             worker.running[task.task_id] = None
             call.running[task.task_id] = None
             out.append(Send(conn, m.Execute(task.task_id, task.attempt, task.func_name, task.frames, task.keys)))
-            if worker.has_room:
-                free[conn] = worker  # back of the line
+            self._place(worker)  # back of its line, or into the other one
             if call.ready:
                 ready[key] = call
 
-    def _pick_worker(self, task: TaskRecord) -> ConnId:
-        """A free worker, preferring one that already holds the task's data."""
+    def _pick_worker(self, task: TaskRecord, workers: dict[ConnId, WorkerRecord]) -> ConnId:
+        """One of ``workers``, preferring one that already holds the task's data."""
         for key in task.keys[:1]:
             for conn in self.data.holders_of(key):
-                if conn in self.free_workers:
+                if conn in workers:
                     return conn
-        return next(iter(self.free_workers))
+        return next(iter(workers))
 
     # ----------------------------------------------------------------- time
     def _on_tick(self, now: float, out: list[Command]) -> None:
@@ -475,8 +508,9 @@ class SchedulerState:
     def validate(self) -> None:
         """Check the invariants; tests call this after every step."""
         for worker in self.workers.values():
-            assert len(worker.running) <= worker.nthreads, worker
             assert (worker.conn in self.free_workers) == worker.has_room, worker
+            assert (worker.conn in self.prefetch_workers) == worker.can_prefetch, worker
+            assert len(worker.running) <= 2 * worker.nthreads, worker
             for task_id in worker.running:
                 assert self.tasks[task_id].worker == worker.conn
         for conn in self.free_workers:

@@ -63,20 +63,29 @@ class _StreamProxy:
             return self._real.write(text)
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        encoded = text.encode("utf-8", "surrogateescape")
         room = capture.options.output_cap - capture.output_bytes
-        if room <= 0:
+        if len(encoded) > room:
+            kept = encoded[: max(room, 0)].decode("utf-8", "ignore")  # never split a character
+            capture.output_bytes = capture.options.output_cap
             if not capture.truncated:
                 capture.truncated = True
-                capture.events.append(("stderr", f"\n[jobsched: task output truncated at {capture.options.output_cap} bytes]\n"))
+                note = f"\n[jobsched: task output truncated at {capture.options.output_cap} bytes]\n"
+                self._append(capture, kept)
+                capture.events.append(("stderr", note))
             return len(text)
-        kept = text[:room]
-        capture.output_bytes += len(kept)
+        capture.output_bytes += len(encoded)
+        self._append(capture, text)
+        return len(text)
+
+    def _append(self, capture: "_Capture", kept: str) -> None:
+        if not kept:
+            return
         events = capture.events
         if events and events[-1][0] == self._name:
             events[-1] = (self._name, events[-1][1] + kept)  # merge consecutive writes
         else:
             events.append((self._name, kept))
-        return len(text)
 
     def flush(self) -> None:
         if _current() is None:

@@ -76,6 +76,24 @@ def _child_argv(args: argparse.Namespace, index: int, memory_limit: int) -> list
     return argv
 
 
+THREAD_LIMIT_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def limit_thread_pools(slots: int) -> None:
+    """Cap BLAS/OpenMP pools so that ``slots`` tasks at once x threads <= cores, as loky does.
+
+    Set before any task imports numpy; values already in the environment are kept, and
+    children (the supervisor's worker processes) inherit them.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    for var in THREAD_LIMIT_VARS:
+        os.environ.setdefault(var, str(max(cores // max(slots, 1), 1)))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args, sources = resolve(build_parser(), argv, "worker")
@@ -100,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as exc:
         print(f"jobsched-worker: {exc}", file=sys.stderr)
         return 2
+    limit_thread_pools(int(args.nthreads) * (1 if args.no_nanny else int(args.nworkers)))
     if not args.no_nanny:
         argvs = [_child_argv(args, i, memory_limit) for i in range(int(args.nworkers))]
         return Supervisor(argvs, memory_limit=memory_limit, drain_timeout=float(args.drain_timeout)).run()

@@ -1,7 +1,8 @@
 """A worker's scattered data: the local store, the data server peers fetch from, and fetching.
 
-Objects are unpickled once when they arrive (read-only arrays over the received
-buffers) and kept with their frames, so serving a peer costs no pickling.
+The store keeps the frames as received: peers are served without pickling, and
+each batch unpickles its own copy on top of the shared, read-only buffers (see
+``protocol.serialize.resolve_scattered``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ class DataService:
 
     # ------------------------------------------------------------------ store
     def store(self, key: str, frames: tuple) -> int:
-        """Keep ``frames`` and their object; returns the bytes held.  Raises if undecodable."""
-        DATA_STORE[key] = loads_readonly(frames)
-        self.frames[key] = tuple(frames)
+        """Keep ``frames``; returns the bytes held.  Raises if they cannot be unpickled here."""
+        loads_readonly(frames)  # fail now, with a clear error, rather than in every task
+        DATA_STORE[key] = self.frames[key] = tuple(frames)
         return m.frames_nbytes(frames)
 
     def delete(self, keys: list[str]) -> None:

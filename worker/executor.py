@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import threading
 import time
 from typing import Any, Iterator
 
 from ..protocol import messages as m
-from ..protocol.serialize import dump_exception, dumps, loads
+from ..protocol.serialize import dump_exception, dumps, loads_batch
 from .capture import CaptureOptions, capturing
+
+
+_unpickling = threading.Lock()
 
 
 def run_batch(frames: tuple) -> tuple[str, list, float]:
@@ -24,7 +28,8 @@ def run_batch(frames: tuple) -> tuple[str, list, float]:
     start = time.perf_counter()
     events: list = []
     try:
-        batch, context = loads(frames)
+        with _unpickling:  # concurrent first imports of a module from two task threads can fail
+            batch, context = loads_batch(frames)
         with capturing(_capture_options(context)) as events, _sklearn_config(context), _thread_limits(context):
             result = batch()
         payload = dumps((result, events))
