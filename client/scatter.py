@@ -41,9 +41,22 @@ def new_key(obj: Any) -> str:
     return f"{type(obj).__name__[:40]}-{uuid.uuid4().hex}"
 
 
+_array_like: dict[type, bool] = {}  # per type: could an instance be worth scattering?
+
+
+def _is_array_like(cls: type) -> bool:
+    known = _array_like.get(cls)
+    if known is None:
+        module = getattr(cls, "__module__", "") or ""
+        known = _array_like[cls] = module == "numpy" or module.startswith(("pandas.", "scipy.sparse"))
+    return known
+
+
 def large_nbytes(obj: Any, threshold: int) -> int:
     """The size of an array-like worth scattering automatically, else 0."""
     cls = type(obj)
+    if not _is_array_like(cls):
+        return 0
     module = cls.__module__
     try:
         if module == "numpy" and cls.__name__ in ("ndarray", "memmap"):
@@ -71,14 +84,16 @@ class BatchPickler(cloudpickle.CloudPickler):
         self.keys: list[str] = []
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is ScatteredRef:
+        # called for nearly every object pickled: keep the common path short
+        cls = type(obj)
+        if cls is ScatteredRef:
             self._need(obj.key)
             return obj.__reduce__()
-        entry = self.refs.get(id(obj))
+        entry = self.refs.get(id(obj)) if self.refs else None
         if entry is not None and entry[1] is obj:
             self._need(entry[0])
             return (resolve_scattered, (entry[0],))
-        if self.auto_threshold:
+        if self.auto_threshold and _is_array_like(cls):
             nbytes = large_nbytes(obj, self.auto_threshold)
             if nbytes:
                 key = self.register(obj, nbytes)
