@@ -131,7 +131,8 @@ class Client:
             raise
         except (OSError, asyncio.TimeoutError, TimeoutError, ConnectionError) as exc:
             future.cancel()
-            raise SchedulerUnreachableError(f"cannot reach the scheduler at {self.address}: {exc or 'timed out'}") from None
+            reason = str(exc) or f"no handshake within {self.timeout:.0f} s"
+            raise SchedulerUnreachableError(f"cannot reach the scheduler at {self.address}: {reason}") from None
 
     async def _open(self) -> None:
         conn = await open_connection(

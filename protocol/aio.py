@@ -28,6 +28,7 @@ CloseHandler = Callable[["Connection", str], None]
 
 
 SCRATCH_SIZE = 256 * 1024
+_CLOSED_SCRATCH = memoryview(bytearray(64))  # get_buffer may still be called once after close
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -56,7 +57,8 @@ class Connection(asyncio.BufferedProtocol):
         self.refuse_reason = ""  # set before connection_made to refuse at once
         self.bytes_received = 0
         self.bytes_sent = 0
-        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        # small until the peer has authenticated: a stranger's connection must cost little
+        self._scratch = memoryview(bytearray(PREAUTH_LIMITS.max_total + 16))
         self._direct = False  # the last get_buffer() handed out the decoder's own buffer
 
     # ------------------------------------------------------------- transport side
@@ -177,6 +179,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._write_raw(encode_frame(reply))
         if hs.done:
             self.decoder.limits = self.limits
+            self._scratch = memoryview(bytearray(SCRATCH_SIZE))
             if self._deadline is not None:
                 self._deadline.cancel()
             if not self.authenticated.done():
@@ -236,6 +239,11 @@ class Connection(asyncio.BufferedProtocol):
     def _mark_closed(self, reason: str) -> None:
         self.closed = True
         self._outbox = []
+        self._scratch = _CLOSED_SCRATCH
+        # a failed handshake's stored exception references this object through its traceback:
+        # drop it, so a refused connection is freed at once, not by the cycle collector
+        if isinstance(self.handshake, AcceptorHandshake) and self.handshake.failure is not None:
+            self.handshake.failure.__traceback__ = None
         if self._deadline is not None:
             self._deadline.cancel()
 
@@ -273,7 +281,7 @@ async def open_connection(
         hint = (
             "with TLS this usually means it did not accept our certificate (--tls-cert / --tls-ca-file)"
             if ssl is not None
-            else "is it a jobsched scheduler, and does it expect tls:// instead of tcp://?"
+            else "it may expect tls:// instead of tcp://, not be a jobsched daemon, or be refusing new connections"
         )
         raise ConnectionError(f"the {peer_name} at {host}:{port} closed the connection during the handshake ({exc}); {hint}") from None
 

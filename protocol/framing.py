@@ -12,6 +12,7 @@ caps before it allocates anything.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -35,6 +36,17 @@ class FrameLimits:
 
 
 PREAUTH_LIMITS = FrameLimits(max_body=4096, max_buffers=0, max_buffer=0, max_total=4096)
+
+
+LAZY_BUFFER_MIN = 1 << 20
+
+
+def _new_buffer(size: int) -> bytearray | mmap.mmap:
+    """A writable buffer of ``size`` bytes.  Large ones are anonymous memory maps: their pages
+    are only committed as bytes arrive, so a header announcing a huge buffer costs nothing."""
+    if size < LAZY_BUFFER_MIN:
+        return bytearray(size)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 @dataclass(frozen=True)
@@ -152,7 +164,7 @@ class FrameDecoder:
     def _next_buffer_or_finish(self, frames: list[Frame]) -> None:
         assert self._buffer_lengths is not None and self._body is not None
         while len(self._buffers) < len(self._buffer_lengths):
-            target = bytearray(self._buffer_lengths[len(self._buffers)])
+            target = _new_buffer(self._buffer_lengths[len(self._buffers)])
             self._buffers.append(target)
             # move already-received bytes into the new buffer, then fill the rest in place
             take = min(len(target), len(self._pending))

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefetch", action="store_true",
                    help="never send a busy worker a batch to hold (by default, calls whose batches run "
                    "under 20 ms get one extra batch per slot, so workers do not wait a round trip)")
-    p.add_argument("--dashboard-address", default="127.0.0.1:8687",
+    p.add_argument("--dashboard-address", type=dashboard_address, default="127.0.0.1:8687",
                    help="HOST:PORT for the dashboard, /health, /metrics and /api/status (default 127.0.0.1:8687; "
                    "'none' disables it; a busy port falls back to a free one)")
     p.add_argument("--generate-secret", metavar="PATH", default=None,
@@ -51,9 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DASHBOARD_OFF = ("", "none", "off")
+
+
+def dashboard_address(text: str) -> str:
+    """``HOST:PORT``; ``:PORT`` means every interface, as with dask; ``none`` disables."""
+    if text.strip().lower() in DASHBOARD_OFF:
+        return text
+    try:
+        parse_address("0.0.0.0" + text if text.startswith(":") else text, default_port=8687)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _start_dashboard(server: SchedulerServer, text: str) -> StatusServer | None:
-    if text.strip().lower() in ("", "none", "off"):
+    if text.strip().lower() in DASHBOARD_OFF:
         return None
+    if text.startswith(":"):
+        log.warning("dashboard on every interface (%s): it shows the cluster's state without a login", text)
+        text = "0.0.0.0" + text
     address = parse_address(text, default_port=8687)
     loop = asyncio.get_running_loop()
     try:

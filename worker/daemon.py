@@ -245,7 +245,11 @@ class WorkerDaemon:
         async def fetch(key: str, addresses: list[str]) -> None:
             if key in state.data:
                 return
-            frames = await self.data.fetch(key, addresses)
+            try:
+                frames = await self.data.fetch(key, addresses)
+            except Exception:  # noqa: BLE001 - whatever went wrong, the owner's copy is the way out
+                log.exception("fetching %s from peers failed", key)
+                frames = None
             if frames is None:
                 if session == self._session and not conn.closed:
                     conn.send(m.NeedData(key, from_owner=True))

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl as ssl_module
 
-from ..protocol import Role
+from ..protocol import ProtocolError, Role
 from ..protocol import messages as m
 from ..protocol.address import parse_address
 from ..protocol.aio import Connection, open_connection, start_server
@@ -76,7 +76,7 @@ class DataService:
                 address = parse_address(text)
                 ssl = self.client_ssl if address.scheme == "tls" else None
                 conn = await open_connection(address.host, address.port, Role.PEER, self.secret, ssl=ssl, peer_name="worker")
-            except (OSError, ValueError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (OSError, ValueError, asyncio.TimeoutError, ConnectionError, ProtocolError) as exc:  # TLS, secret
                 log.warning("cannot reach peer %s for %s: %s", text, key, exc)
                 continue
             reply: asyncio.Future = asyncio.get_running_loop().create_future()
