@@ -34,4 +34,5 @@ def big_arg(array, i):
 
 def where(i):
     """Where a task runs: (pid, path of this module as the worker imported it)."""
+    time.sleep(0.005)  # long enough that every worker gets some of these
     return os.getpid(), __file__

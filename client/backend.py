@@ -55,7 +55,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     ``output_cap`` (default 1 MiB): output kept per batch, the rest is cut with a note;
     ``scatter``: objects to send to the cluster once when the context opens; tasks given
     them (by identity) use the worker's copy;
-    ``auto_scatter_threshold`` (default 2 MiB, 0 disables): numpy/pandas/scipy.sparse
+    ``auto_scatter_threshold`` (default 512 KiB, 0 disables): numpy/pandas/scipy.sparse
     arguments at least this large are scattered automatically and deduplicated across
     the batches and calls of this context.  Scattered data is freed when the context exits;
     ``progress`` (default False): show a tqdm bar of the call's batches (``pip install tqdm``).
@@ -64,9 +64,6 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     supports_retrieve_callback = True
     supports_inner_max_num_threads = True
     default_n_jobs = -1
-    # Our round trip is far cheaper than a process pool's, so smaller batches pay off.
-    MIN_IDEAL_BATCH_DURATION = 0.05
-    MAX_IDEAL_BATCH_DURATION = 1.0
 
     def __init__(
         self,
@@ -96,7 +93,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
             "log_level": None if forward_logging is False or forward_logging is None else int(forward_logging),
             "output_cap": int(output_cap),
         }
-        self._parallel_ref: "weakref.ref[Any] | None" = None
+        self._parallels: list[Any] = []
         self.client: Client | None = None
         self.auto_scatter_threshold = int(auto_scatter_threshold or 0)
         self._refs: dict[int, tuple[str, Any]] = {}  # id(obj) -> (key, obj): scattered by this context
@@ -186,16 +183,22 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def terminate(self) -> None:
         self.reset_batch_stats()
+        if self._parallels:
+            self._parallels.pop()
 
-    # joblib sets ``backend.parallel``; holding it weakly avoids a backend <-> Parallel cycle,
-    # so the backend (and the data it scattered) is freed as soon as its context exits
+    # joblib sets ``backend.parallel`` in configure() and calls terminate() when the call ends.
+    # Hold the Parallel objects as a stack: a Parallel run inside a managed one (``with
+    # Parallel() as p``) on this same backend gives the outer one back when it ends, and once
+    # every call has ended no reference is left, so there is no backend <-> Parallel cycle and
+    # the backend (and the data it scattered) is freed as soon as its context exits.
     @property
     def parallel(self) -> Any:
-        return self._parallel_ref() if self._parallel_ref is not None else None
+        return self._parallels[-1] if self._parallels else None
 
     @parallel.setter
     def parallel(self, value: Any) -> None:
-        self._parallel_ref = weakref.ref(value) if value is not None else None
+        if value is not None and (not self._parallels or self._parallels[-1] is not value):
+            self._parallels.append(value)
 
     # ------------------------------------------------------------ internals
     def _register(self, obj: Any, nbytes: int = 0, broadcast: bool = False) -> str:

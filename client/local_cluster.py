@@ -60,6 +60,9 @@ class LocalCluster:
         env["JOBSCHED_SECRET"] = self.secret
         env["JOBSCHED_PARENT_PID"] = str(os.getpid())
         env["JOBSCHED_DAEMON"] = "1"  # see jobsched/__init__.py: daemons skip importing joblib
+        # workers unpickle functions by module name: let them import what this process can
+        paths = [os.path.abspath(p or os.curdir) for p in sys.path]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + env.get("PYTHONPATH", "").split(os.pathsep)))
         env.pop("JOBSCHED_SECRET_FILE", None)
         return env
 

@@ -18,7 +18,7 @@ import cloudpickle
 
 from ..protocol.serialize import out_of_band_collector, resolve_scattered
 
-DEFAULT_AUTO_THRESHOLD = 2 * 2**20  # 2 MiB: below that, pickling into each batch is cheaper
+DEFAULT_AUTO_THRESHOLD = 512 * 2**10  # 512 KiB: below that, pickling into each batch is cheaper
 
 
 class ScatteredRef:

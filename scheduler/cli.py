@@ -78,7 +78,7 @@ def _start_dashboard(server: SchedulerServer, text: str) -> StatusServer | None:
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        log.warning("dashboard port %d is in use; using a free port instead", address.port)
+        log.info("dashboard port %d is in use; using a free port instead", address.port)
         status = StatusServer(server, loop, address.host, 0)
     status.start()
     server.dashboard = status.address
