@@ -141,6 +141,20 @@ def _explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> d
             action.default = default
 
 
+def parse_daemon_args(parser: argparse.ArgumentParser, argv: list[str] | None, section: str) -> argparse.Namespace:
+    """``resolve`` for a daemon's ``main``: a bad value ends it with status 2 and a message
+    naming the option; ``--print-config`` prints the configuration and ends it with status 0."""
+    try:
+        args, sources = resolve(parser, argv, section)
+    except ConfigError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(format_config(args, sources))
+        raise SystemExit(0)
+    return args
+
+
 def format_config(args: argparse.Namespace, sources: dict[str, str]) -> str:
     width = max(len(k) for k in sources)
     lines = [f"{dest.replace('_', '-'):<{width}}  {getattr(args, dest)!r:<30}  # {sources[dest]}" for dest in sorted(sources)]

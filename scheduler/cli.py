@@ -11,7 +11,7 @@ import sys
 
 from ..protocol.address import DEFAULT_PORT, is_loopback_host, parse_address, write_scheduler_file
 from ..protocol.aio import configure_logging, run_daemon
-from ..protocol.config import ConfigError, format_config, resolve
+from ..protocol.config import parse_daemon_args
 from ..protocol.options import add_common_options, port, positive, tls_config
 from ..protocol.secret import SecretError, load_secret, write_new_secret
 from ..protocol.tls import server_context
@@ -86,14 +86,7 @@ def _start_dashboard(server: SchedulerServer, text: str) -> StatusServer | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, sources = resolve(build_parser(), argv, "scheduler")
-    except ConfigError as exc:
-        print(f"jobsched-scheduler: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(format_config(args, sources))
-        return 0
+    args = parse_daemon_args(build_parser(), argv, "scheduler")
     configure_logging(args.log_level)
     if args.generate_secret:
         try:

@@ -13,7 +13,7 @@ import sys
 
 from ..protocol.address import parse_address
 from ..protocol.aio import configure_logging, run_daemon
-from ..protocol.config import ConfigError, format_config, resolve
+from ..protocol.config import parse_daemon_args
 from ..protocol.options import add_common_options, port, positive, tls_config
 from ..protocol.secret import load_secret
 from ..protocol.tls import client_context, server_context
@@ -95,14 +95,7 @@ def limit_thread_pools(slots: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, sources = resolve(build_parser(), argv, "worker")
-    except ConfigError as exc:
-        print(f"jobsched-worker: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(format_config(args, sources))
-        return 0
+    args = parse_daemon_args(build_parser(), argv, "worker")
     configure_logging(args.log_level)
     if args.scheduler is None and args.scheduler_file is None:
         print("jobsched-worker: give the scheduler address (tcp://host:port) or --scheduler-file", file=sys.stderr)

@@ -10,10 +10,11 @@ events]`` on failure, so output printed before an error still reaches the caller
 from __future__ import annotations
 
 import contextlib
+import importlib
 import pickle
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from ..protocol import messages as m
 from ..protocol.serialize import dump_exception, dumps, loads_batch
@@ -49,34 +50,27 @@ def _capture_options(context: dict) -> CaptureOptions:
     return CaptureOptions(**{k: v for k, v in fields.items() if k in CaptureOptions.__dataclass_fields__})
 
 
-@contextlib.contextmanager
-def _sklearn_config(context: dict) -> Iterator[None]:
+def _optional_import(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _sklearn_config(context: dict) -> contextlib.AbstractContextManager:
     """Put the caller's scikit-learn configuration in force for this thread, as loky does."""
     config = context.get("sklearn_config")
-    if not config:
-        yield
-        return
-    try:
-        import sklearn
-    except ImportError:
-        yield
-        return
+    sklearn = _optional_import("sklearn") if config else None
+    if sklearn is None:
+        return contextlib.nullcontext()
     known = sklearn.get_config()
-    with sklearn.config_context(**{k: v for k, v in config.items() if k in known}):
-        yield
+    return sklearn.config_context(**{k: v for k, v in config.items() if k in known})
 
 
-@contextlib.contextmanager
-def _thread_limits(context: dict) -> Iterator[Any]:
+def _thread_limits(context: dict) -> contextlib.AbstractContextManager:
     """Honour joblib's ``inner_max_num_threads`` for BLAS/OpenMP pools inside the tasks."""
     limit = context.get("inner_max_num_threads")
-    if not limit:
-        yield
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=int(limit)):
-        yield
+    threadpoolctl = _optional_import("threadpoolctl") if limit else None
+    if threadpoolctl is None:
+        return contextlib.nullcontext()
+    return threadpoolctl.threadpool_limits(limits=int(limit))
