@@ -302,10 +302,27 @@ def test_loads_readonly_builds_read_only_views_without_copy():
 def test_resolve_scattered(monkeypatch):
     from jobsched.protocol import serialize
 
-    monkeypatch.setitem(serialize.DATA_STORE, "X-1", [1, 2, 3])
-    assert serialize.resolve_scattered("X-1") == [1, 2, 3]
+    array = np.arange(1000.0)
+    monkeypatch.setitem(serialize.DATA_STORE, "X-1", tuple(dumps([1, array], out_of_band_min=0)))
+    first = serialize.resolve_scattered("X-1")
+    assert first[0] == 1 and np.array_equal(first[1], array)
+    assert not first[1].flags.writeable  # the shared buffer: read-only, whatever its size
+    first.append("mutated")
+    assert len(serialize.resolve_scattered("X-1")) == 2  # outside a batch, every call is a fresh copy
     with pytest.raises(LookupError, match="'missing-key' is not held by this worker"):
         serialize.resolve_scattered("missing-key")
+
+
+def test_a_batch_resolves_each_scattered_key_once(monkeypatch):
+    from jobsched.protocol import serialize
+    from jobsched.client.scatter import ScatteredRef
+
+    monkeypatch.setitem(serialize.DATA_STORE, "X-2", tuple(dumps({"a": 1}, out_of_band_min=0)))
+    ref = ScatteredRef("X-2", 0)
+    left, right = serialize.loads_batch(dumps((ref, ref)))
+    assert left == {"a": 1} and left is right  # one object per batch, as pickling by value gives
+    other, _ = serialize.loads_batch(dumps((ref, ref)))
+    assert other is not left  # each batch its own copy: one task's change cannot reach another
 
 
 # ------------------------------------------------- payloads versus the frame caps
