@@ -108,6 +108,7 @@ class WorkerDaemon:
         self._state: WorkerState | None = None
         self._exit_code: int | None = None
         self.in_flight = 0  # batches running in the pool's threads, whatever their session
+        self._fetches: set[asyncio.Task] = set()
         self._deliver = None
 
     async def run(self, stop: asyncio.Event) -> int:
@@ -218,7 +219,9 @@ class WorkerDaemon:
             elif kind is m.StoreData:
                 arrived(message.key, message.frames)  # type: ignore[attr-defined]
             elif kind is m.DataSources:
-                loop.create_task(fetch(message.key, message.addresses))  # type: ignore[attr-defined]
+                task = loop.create_task(fetch(message.key, message.addresses))  # type: ignore[attr-defined]
+                self._fetches.add(task)  # the loop keeps only a weak reference to a task
+                task.add_done_callback(self._fetches.discard)
             elif kind is m.DataMissing:
                 carry_out(state.handle(DataUnavailable(message.key, message.reason)))  # type: ignore[attr-defined]
             elif kind is m.DeleteData:

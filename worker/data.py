@@ -19,7 +19,7 @@ from ..protocol.serialize import DATA_STORE, loads_readonly
 
 log = logging.getLogger("jobsched.worker")
 
-FETCH_TIMEOUT = 600.0
+FETCH_TIMEOUT = 120.0  # for one peer's reply; then the next source, then the owner's copy
 
 
 class DataService:
