@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -286,3 +287,42 @@ def _close_clients() -> Iterator[None]:
         if client is not None:
             client.close()
 
+
+def assert_same_cv_results(actual: dict, expected: dict) -> int:
+    """A search's ``cv_results_`` equal to a reference run's, exactly, except the timing keys;
+    returns how many keys were compared."""
+    import numpy as np
+
+    assert set(actual) == set(expected)
+    compared = 0
+    for key in sorted(k for k in expected if not k.endswith("_time")):
+        a, e = actual[key], expected[key]
+        if isinstance(e, np.ma.MaskedArray):
+            assert isinstance(a, np.ma.MaskedArray), key
+            np.testing.assert_array_equal(np.ma.getmaskarray(a), np.ma.getmaskarray(e), err_msg=key)
+            assert a.compressed().tolist() == e.compressed().tolist(), key
+        elif isinstance(e, np.ndarray):
+            assert a.dtype == e.dtype, key
+            np.testing.assert_array_equal(a, e, err_msg=key)  # exact, not approximate
+        else:
+            assert a == e, key
+        compared += 1
+    return compared
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True if the peer closes the connection within ``timeout`` (whatever it sent before)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+        if not data:
+            return True

@@ -46,7 +46,7 @@ from joblib import Parallel, delayed, parallel_config
 
 import fault_tasks
 import jobsched
-from conftest import Daemon, DaemonPool, RunningCluster, daemon_env, wait_for_workers
+from conftest import Daemon, DaemonPool, RunningCluster, assert_same_cv_results, daemon_env, wait_for_workers
 
 DASHBOARD = ("--dashboard-address", "127.0.0.1:0")
 
@@ -198,7 +198,7 @@ def test_1_sigkill_worker_during_grid_search_matches_serial(pool):
         finished = time.monotonic()
 
     # the search equals the serial run
-    assert_same_cv_results(result.cv_results_, serial.cv_results_)
+    assert assert_same_cv_results(result.cv_results_, serial.cv_results_) >= 10
     assert result.best_params_ == serial.best_params_
     assert result.best_score_ == serial.best_score_
     np.testing.assert_array_equal(result.predict(X), serial.predict(X))
@@ -216,25 +216,6 @@ def test_1_sigkill_worker_during_grid_search_matches_serial(pool):
              f"kill -9 -> restarted process rejoined; noticed in {detected - killed:.2f} s; "
              f"search {finished - started:.1f} s on the cluster vs {serial_time:.1f} s serial; "
              f"{counters['requeued']} batch requeued")
-
-
-def assert_same_cv_results(actual: dict, expected: dict) -> None:
-    import numpy as np
-
-    assert set(actual) == set(expected)
-    compared = 0
-    for key in sorted(k for k in expected if not k.endswith("_time")):
-        a, e = actual[key], expected[key]
-        if isinstance(e, np.ma.MaskedArray):
-            np.testing.assert_array_equal(np.ma.getmaskarray(a), np.ma.getmaskarray(e), err_msg=key)
-            assert a.compressed().tolist() == e.compressed().tolist(), key
-        elif isinstance(e, np.ndarray):
-            assert a.dtype == e.dtype, key
-            np.testing.assert_array_equal(a, e, err_msg=key)  # exact, not approximate
-        else:
-            assert a == e, key
-        compared += 1
-    assert compared >= 10
 
 
 # ------------------------------------------------ 2. repeated random kills

@@ -19,7 +19,7 @@ from joblib import Parallel, delayed, parallel_config
 
 import jobsched
 import tasks
-from conftest import BIN_DIR, RunningCluster, daemon_env, start_cluster, wait_for_workers
+from conftest import BIN_DIR, RunningCluster, closed_by_peer, daemon_env, start_cluster, wait_for_workers
 from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, InitiatorHandshake, Role, encode_frame
 from jobsched.protocol import messages as m
 from jobsched.protocol.address import parse_address
@@ -63,24 +63,6 @@ def raw_connect(address: str) -> socket.socket:
     addr = parse_address(address)
     assert addr.host == "127.0.0.1"
     return socket.create_connection((addr.host, addr.port), timeout=10)
-
-
-def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
-    """True if the peer closes the connection within ``timeout`` (whatever it sent before)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        sock.settimeout(remaining)
-        try:
-            data = sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except socket.timeout:
-            return False
-        if not data:
-            return True
 
 
 def send_frame(sock: socket.socket, body: bytes) -> None:

@@ -35,7 +35,7 @@ import pytest
 from joblib import Parallel, delayed, parallel_config
 
 import jobsched
-from conftest import RunningCluster, daemon_env, start_cluster, wait_for_workers
+from conftest import RunningCluster, assert_same_cv_results, daemon_env, start_cluster, wait_for_workers
 from jobsched.client.scatter import ScatteredRef
 
 MB = 10**6
@@ -425,22 +425,6 @@ def test_sole_holder_dies_and_the_data_comes_again_from_the_client(daemons, big,
 
 
 # ------------------------------------------------------------------ end to end
-TIMING_KEYS = {"mean_fit_time", "std_fit_time", "mean_score_time", "std_score_time"}
-
-
-def assert_same_cv_results(actual: dict, expected: dict) -> None:
-    assert set(actual) == set(expected)
-    for key in sorted(set(expected) - TIMING_KEYS):
-        assert not key.endswith("_time")
-        a, e = actual[key], expected[key]
-        if isinstance(e, np.ma.MaskedArray):
-            np.testing.assert_array_equal(np.ma.getmaskarray(a), np.ma.getmaskarray(e), err_msg=key)
-            assert a.compressed().tolist() == e.compressed().tolist(), key
-        elif isinstance(e, np.ndarray):
-            assert a.dtype == e.dtype, key
-            np.testing.assert_array_equal(a, e, err_msg=key)
-        else:
-            assert a == e, key
 
 
 @pytest.fixture(scope="module")

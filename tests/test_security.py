@@ -33,7 +33,7 @@ from joblib import Parallel, delayed, parallel_config
 
 import jobsched
 import tasks
-from conftest import daemon_env, wait_for_workers
+from conftest import closed_by_peer, daemon_env, wait_for_workers
 from jobsched.protocol import FrameDecoder, FrameLimits, InitiatorHandshake, PREAUTH_LIMITS, Role, encode_frame
 from jobsched.protocol import handshake as hs_module
 from jobsched.protocol import messages as m
@@ -91,22 +91,6 @@ def read_frame(sock: socket.socket, decoder: FrameDecoder, timeout: float = 10.0
         frames = decoder.feed(data)
         if frames:
             return frames[0]
-
-
-def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        sock.settimeout(remaining)
-        try:
-            if not sock.recv(65536):
-                return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
 
 
 def raw_connect(address: str) -> socket.socket:
