@@ -10,6 +10,11 @@ are shut down meanwhile), each with 2 single-thread worker processes on this mac
 * ``cluster``: ``jobsched.Client(n_workers=2)`` (embedded LocalCluster: a scheduler and
   2 worker daemons as subprocesses), then ``parallel_config(backend="cluster")``.
 
+A fourth, reference column, ``threading`` (``parallel_config(backend="threading",
+n_jobs=2)``: threads in the calling process), times only the thread-preferring
+workloads (the random forest: scikit-learn asks joblib for ``prefer="threads"``),
+to show whether shipping such a loop to workers beats leaving it in the caller.
+
 Backends run in ``--repeat`` rounds (loky, dask, cluster, loky, dask, ...), one
 backend alive at a time, so that a slow spell of a shared machine hits them
 alike.  In each round a backend is started afresh, warmed up (pool started,
@@ -20,7 +25,7 @@ forest results are compared across backends, and CPU used by other processes
 during each timed run is measured and reported (the machine may be shared).
 
     python bench/bench_backends.py                 # issue 2 workloads, 3 repeats
-    python bench/bench_backends.py --all           # + 200 MB argument, random forest (issue 7)
+    python bench/bench_backends.py --all           # + 200 MB argument (plain, scatter=), forest, HGB CV
     python bench/bench_backends.py --quick         # smoke run: small sizes, 1 repeat
     python bench/bench_backends.py --only loky,cluster --repeat 5
 """
@@ -54,7 +59,9 @@ from joblib import Parallel, delayed, parallel_config  # noqa: E402
 import _tasks  # noqa: E402
 
 N_WORKERS = 2  # worker processes (one thread each) for every backend
-BACKENDS = ("loky", "dask", "cluster")
+BACKENDS = ("loky", "dask", "cluster")  # the table's main columns
+REFERENCE_BACKENDS = ("threading",)  # extra columns: only the workloads they apply to
+ALL_BACKENDS = BACKENDS + REFERENCE_BACKENDS
 
 
 # ------------------------------------------------------------------ sizes
@@ -70,11 +77,15 @@ class Sizes:
     big_tasks: int = 64
     forest_trees: int = 200
     forest_samples: int = 20_000
+    # 12,500 samples: the 5-fold training sets have 10,000, so early_stopping="auto" stays
+    # off and every fit runs hgb_iter iterations (about 6 s with loky on 2 cores)
+    hgb_samples: int = 12_500
+    hgb_iter: int = 300
 
 
 FULL = Sizes()
 QUICK = Sizes(tiny_auto=2_000, tiny_bs1=200, sleeps=40, grid_C=3, grid_gamma=2, grid_cv=3,
-              big_mb=20, big_tasks=16, forest_trees=20, forest_samples=4_000)
+              big_mb=20, big_tasks=16, forest_trees=20, forest_samples=4_000, hgb_samples=2_500, hgb_iter=20)
 # Warm-up: the quick sizes, but a big array of its own: the cluster backend keeps an
 # automatically scattered array for its whole parallel_config context, so warming up
 # with the timed run's array would take the transfer out of the timed run.
@@ -110,74 +121,116 @@ def _forest_data(n_samples: int):
     return _cache[key]
 
 
-def run_tiny_auto(s: Sizes, n_jobs: int):
+def _hgb_data(n_samples: int):
+    key = ("hgb", n_samples)
+    if key not in _cache:
+        from sklearn.datasets import make_classification
+        _cache[key] = make_classification(n_samples=n_samples, n_features=40, n_informative=20,
+                                          n_classes=2, random_state=0)
+    return _cache[key]
+
+
+# Every run function takes the sizes and the Backend (b.n_jobs, b.config()) and returns
+# (seconds, output to compare across backends or None); it checks its own results.
+def run_tiny_auto(s: Sizes, b: Backend):
     n = s.tiny_auto
     t0 = time.perf_counter()
-    out = Parallel(n_jobs=n_jobs)(delayed(_tasks.tiny)(i) for i in range(n))
+    out = Parallel(n_jobs=b.n_jobs)(delayed(_tasks.tiny)(i) for i in range(n))
     dt = time.perf_counter() - t0
     assert out == [i * i for i in range(n)], "tiny_auto: wrong results"
     return dt, None
 
 
-def run_tiny_bs1(s: Sizes, n_jobs: int):
+def run_tiny_bs1(s: Sizes, b: Backend):
     n = s.tiny_bs1
     t0 = time.perf_counter()
-    out = Parallel(n_jobs=n_jobs, batch_size=1)(delayed(_tasks.tiny)(i) for i in range(n))
+    out = Parallel(n_jobs=b.n_jobs, batch_size=1)(delayed(_tasks.tiny)(i) for i in range(n))
     dt = time.perf_counter() - t0
     assert out == [i * i for i in range(n)], "tiny_bs1: wrong results"
     return dt, None
 
 
-def run_sleep(s: Sizes, n_jobs: int):
+def run_sleep(s: Sizes, b: Backend):
     n = s.sleeps
     t0 = time.perf_counter()
-    out = Parallel(n_jobs=n_jobs)(delayed(_tasks.sleep_10ms)(i) for i in range(n))
+    out = Parallel(n_jobs=b.n_jobs)(delayed(_tasks.sleep_10ms)(i) for i in range(n))
     dt = time.perf_counter() - t0
     assert out == list(range(n)), "sleep: wrong results"
     return dt, None
 
 
-def run_grid(s: Sizes, n_jobs: int):
+def run_grid(s: Sizes, b: Backend):
     from sklearn.model_selection import GridSearchCV
     from sklearn.svm import SVC
     X, y = _digits()
     grid = {"C": np.logspace(-3, 3, s.grid_C), "gamma": np.logspace(-4, 0, s.grid_gamma)}
-    search = GridSearchCV(SVC(), grid, cv=s.grid_cv, n_jobs=n_jobs)
+    search = GridSearchCV(SVC(), grid, cv=s.grid_cv, n_jobs=b.n_jobs)
     t0 = time.perf_counter()
     search.fit(X, y)
     dt = time.perf_counter() - t0
     return dt, np.asarray(search.cv_results_["mean_test_score"])
 
 
-def run_big(s: Sizes, n_jobs: int):
+def run_big(s: Sizes, b: Backend):
     # a fresh object every run: the cluster backend keeps an automatically scattered array
     # (matched by identity) for its whole parallel_config context, so a second run with the
     # same object would skip the transfer
     array = _big_array(s.big_mb).copy()
     t0 = time.perf_counter()
-    out = Parallel(n_jobs=n_jobs)(delayed(_tasks.big_arg)(array, i) for i in range(s.big_tasks))
+    out = Parallel(n_jobs=b.n_jobs)(delayed(_tasks.big_arg)(array, i) for i in range(s.big_tasks))
     dt = time.perf_counter() - t0
     assert out == [_tasks.big_arg(array, i) for i in range(s.big_tasks)], "big_arg: wrong results"
     return dt, None
 
 
-def run_forest(s: Sizes, n_jobs: int):
+def run_big_scatter(s: Sizes, b: Backend):
+    """The big argument, declared with ``parallel_config(..., scatter=[array])`` (issue 3).
+
+    The backends scatter when the config is built (dask's and ours broadcast to every
+    worker then), so the timed span is the whole ``with`` block: scatter, the call, and
+    the context exit.  A fresh array object every run, as in run_big.  Backends whose
+    joblib backend takes no ``scatter=`` (loky) run it plainly: the same as ``big``.
+    """
+    array = _big_array(s.big_mb).copy()
+    t0 = time.perf_counter()
+    with b.config(scatter=[array]):
+        out = Parallel(n_jobs=b.n_jobs)(delayed(_tasks.big_arg)(array, i) for i in range(s.big_tasks))
+    dt = time.perf_counter() - t0
+    assert out == [_tasks.big_arg(array, i) for i in range(s.big_tasks)], "big_scatter: wrong results"
+    return dt, None
+
+
+def run_forest(s: Sizes, b: Backend):
     from sklearn.ensemble import RandomForestClassifier
     X, y = _forest_data(s.forest_samples)
-    forest = RandomForestClassifier(n_estimators=s.forest_trees, n_jobs=n_jobs, random_state=0)
+    forest = RandomForestClassifier(n_estimators=s.forest_trees, n_jobs=b.n_jobs, random_state=0)
     t0 = time.perf_counter()
-    forest.fit(X, y)
+    forest.fit(X, y)  # scikit-learn's Parallel(prefer="threads"): a hint the active backend overrides
     dt = time.perf_counter() - t0
     return dt, np.asarray(forest.feature_importances_)
+
+
+def run_hgb_cv(s: Sizes, b: Backend):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.model_selection import cross_validate
+    X, y = _hgb_data(s.hgb_samples)
+    model = HistGradientBoostingClassifier(max_iter=s.hgb_iter, random_state=0)
+    t0 = time.perf_counter()
+    out = cross_validate(model, X, y, cv=5, n_jobs=b.n_jobs)
+    dt = time.perf_counter() - t0
+    scores = np.asarray(out["test_score"])
+    assert scores.shape == (5,) and (scores > 0.6).all(), f"hgb_cv: implausible test scores {scores}"
+    return dt, scores
 
 
 @dataclass(frozen=True)
 class Workload:
     key: str
     label: Callable[[Sizes], str]
-    run: Callable[[Sizes, int], tuple]
+    run: Callable[[Sizes, Backend], tuple]
     unit: str  # "s", or "ms/task" (time divided by the number of tasks)
     extra: bool = False  # only with --all
+    threads: bool = False  # a prefer="threads" loop: also timed on the threading reference
     n_tasks: Callable[[Sizes], int] = lambda s: 1
 
     def metric(self, seconds: float, s: Sizes) -> float:
@@ -191,8 +244,13 @@ WORKLOADS = [
     Workload("sleep", lambda s: f"{s.sleeps} x 10 ms sleep (ideal {ideal_sleep(s):.2f} s)", run_sleep, "s"),
     Workload("grid", lambda s: f"GridSearchCV SVC digits, {s.grid_C * s.grid_gamma * s.grid_cv} fits", run_grid, "s"),
     Workload("big", lambda s: f"{s.big_mb} MB argument to {s.big_tasks} tasks", run_big, "s", extra=True),
-    Workload("forest", lambda s: f"RandomForest {s.forest_trees} trees (n_jobs=-1)", run_forest, "s", extra=True),
+    Workload("big_scatter", lambda s: f"{s.big_mb} MB argument, scatter=[array] (loky: plain)", run_big_scatter, "s",
+             extra=True),
+    Workload("forest", lambda s: f"RandomForest {s.forest_trees} trees (n_jobs=-1)", run_forest, "s", extra=True,
+             threads=True),
+    Workload("hgb_cv", lambda s: f"cross_validate HGB {s.hgb_iter} iter, 5 folds", run_hgb_cv, "s", extra=True),
 ]
+SKLEARN_WORKLOADS = ("grid", "forest", "hgb_cv")
 
 
 def ideal_sleep(s: Sizes) -> float:
@@ -201,14 +259,20 @@ def ideal_sleep(s: Sizes) -> float:
 
 # --------------------------------------------------------------- backends
 class Backend:
-    name = ""
+    name = ""  # also the joblib backend's name
+    n_jobs = -1
+    supports_scatter = False  # whether the joblib backend takes parallel_config(..., scatter=[...])
+    in_caller = False  # tasks run in the calling process (threads): no worker processes to check
 
     def start(self) -> None: ...
 
-    def config(self):
-        raise NotImplementedError
+    def config(self, scatter: list | None = None):
+        """This backend's parallel_config; ``scatter`` is dropped where it is not supported."""
+        params = {"scatter": scatter} if scatter is not None and self.supports_scatter else {}
+        return parallel_config(backend=self.name, n_jobs=self.n_jobs, **params)
 
-    n_jobs = -1
+    def runs(self, w: Workload) -> bool:
+        return True
 
     def close(self) -> None: ...
 
@@ -216,9 +280,6 @@ class Backend:
 class LokyBackend(Backend):
     name = "loky"
     n_jobs = N_WORKERS
-
-    def config(self):
-        return parallel_config(backend="loky", n_jobs=self.n_jobs)
 
     def close(self) -> None:
         from joblib.externals.loky import reusable_executor
@@ -229,15 +290,13 @@ class LokyBackend(Backend):
 
 class DaskBackend(Backend):
     name = "dask"
+    supports_scatter = True
 
     def start(self) -> None:
         import distributed
         self.cluster = distributed.LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, processes=True,
                                                 dashboard_address=None, silence_logs=logging.ERROR)
         self.client = distributed.Client(self.cluster)
-
-    def config(self):
-        return parallel_config(backend="dask", n_jobs=self.n_jobs)
 
     def close(self) -> None:
         client, cluster = getattr(self, "client", None), getattr(self, "cluster", None)
@@ -248,14 +307,12 @@ class DaskBackend(Backend):
 
 
 class ClusterBackend(Backend):
-    name = "cluster"
+    name = "cluster"  # parallel_config(backend="cluster") uses the current Client: self.client
+    supports_scatter = True
 
     def start(self) -> None:
         import jobsched
         self.client = jobsched.Client(n_workers=N_WORKERS)
-
-    def config(self):
-        return parallel_config(backend="cluster", n_jobs=self.n_jobs)  # the current Client: self.client
 
     def close(self) -> None:
         client = getattr(self, "client", None)
@@ -263,8 +320,18 @@ class ClusterBackend(Backend):
             client.close()  # also ends the embedded LocalCluster it owns
 
 
+class ThreadingBackend(Backend):
+    """Reference: joblib's threads in the caller, what prefer="threads" gets by default."""
+    name = "threading"
+    n_jobs = N_WORKERS
+    in_caller = True
+
+    def runs(self, w: Workload) -> bool:
+        return w.threads
+
+
 def make_backend(name: str) -> Backend:
-    return {"loky": LokyBackend, "dask": DaskBackend, "cluster": ClusterBackend}[name]()
+    return {"loky": LokyBackend, "dask": DaskBackend, "cluster": ClusterBackend, "threading": ThreadingBackend}[name]()
 
 
 # ------------------------------------------------------------------ runner
@@ -361,14 +428,16 @@ def bench_round(name: str, result: BackendResult, workloads: list[Workload], siz
     try:
         t0 = time.perf_counter()
         backend.start()
+        workloads = [w for w in workloads if backend.runs(w)]
         with backend.config():
-            pids = check_workers(backend.n_jobs)
-            result.startups.append(time.perf_counter() - t0)
-            result.worker_pids |= pids
-            log(f"{tag} started in {result.startups[-1]:.2f} s; tasks ran in worker pids {sorted(pids)}")
+            if not backend.in_caller:
+                pids = check_workers(backend.n_jobs)
+                result.startups.append(time.perf_counter() - t0)
+                result.worker_pids |= pids
+                log(f"{tag} started in {result.startups[-1]:.2f} s; tasks ran in worker pids {sorted(pids)}")
             t1 = time.perf_counter()
             for w in workloads:  # warm-up: every workload once at about its quick size, untimed
-                w.run(WARMUP, backend.n_jobs)
+                w.run(WARMUP, backend)
             log(f"{tag} warm-up: {time.perf_counter() - t1:.2f} s")
             for w in workloads:
                 best = None
@@ -376,7 +445,7 @@ def bench_round(name: str, result: BackendResult, workloads: list[Workload], siz
                     gc.collect()
                     meter.wait_quiet(quiet_wait, log, f"{tag} {w.key}:")
                     meter.start()
-                    seconds, output = w.run(sizes, backend.n_jobs)
+                    seconds, output = w.run(sizes, backend)
                     noise = meter.stop() if seconds >= MIN_NOISE_WALL else None
                     flag = f"  <-- other processes used {noise:.0%} of the CPU" if noise and noise > NOISY else ""
                     log(f"{tag} {w.key}: {seconds:.3f} s{flag}")
@@ -427,16 +496,20 @@ def median_metric(results: dict, name: str, w: Workload, sizes: Sizes) -> float 
 
 
 def print_table(results: dict, workloads: list[Workload], sizes: Sizes, repeat: int) -> dict:
-    header = ["workload", "loky", "dask", "cluster", "cluster/loky", "dask/cluster"]
+    # reference columns (threading) only when they timed something
+    refs = [b for b in REFERENCE_BACKENDS if b in results and results[b].seconds]
+    columns = [*BACKENDS, *refs]
+    header = ["workload", *columns, "cluster/loky", "dask/cluster", *(f"cluster/{b}" for b in refs)]
     rows = []
     noisy_cells = False
     medians: dict = {}
     for w in workloads:
-        m = {b: median_metric(results, b, w, sizes) for b in BACKENDS}
+        m = {b: median_metric(results, b, w, sizes) for b in ALL_BACKENDS}
         medians[w.key] = m
-        medians.setdefault("noisy", {})[w.key] = {b for b in BACKENDS if b in results and is_noisy(results[b], w.key)}
+        medians.setdefault("noisy", {})[w.key] = {b for b in ALL_BACKENDS
+                                                   if b in results and is_noisy(results[b], w.key)}
         cells = []
-        for b in BACKENDS:
+        for b in columns:
             text = fmt_metric(m[b], w.unit)
             if w.key == "sleep" and m[b] is not None:
                 text += f" ({ideal_sleep(sizes) / m[b]:.1%})"
@@ -444,10 +517,12 @@ def print_table(results: dict, workloads: list[Workload], sizes: Sizes, repeat: 
                 text += "*"
                 noisy_cells = True
             cells.append(text)
-        rows.append([w.label(sizes), *cells, fmt_ratio(m["cluster"], m["loky"]), fmt_ratio(m["dask"], m["cluster"])])
-    start = {b: (results[b].startup if b in results else None) for b in BACKENDS}
-    rows.append(["start-up: workers ready + first call", *(fmt_metric(start[b], "s") for b in BACKENDS),
-                 fmt_ratio(start["cluster"], start["loky"]), fmt_ratio(start["dask"], start["cluster"])])
+        rows.append([w.label(sizes), *cells, fmt_ratio(m["cluster"], m["loky"]), fmt_ratio(m["dask"], m["cluster"]),
+                     *(fmt_ratio(m["cluster"], m[b]) for b in refs)])
+    start = {b: (results[b].startup if b in results else None) for b in ALL_BACKENDS}
+    rows.append(["start-up: workers ready + first call", *(fmt_metric(start[b], "s") for b in columns),
+                 fmt_ratio(start["cluster"], start["loky"]), fmt_ratio(start["dask"], start["cluster"]),
+                 *("-" for _ in refs)])
     medians["startup"] = start
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
@@ -457,6 +532,9 @@ def print_table(results: dict, workloads: list[Workload], sizes: Sizes, repeat: 
 
     print(f"\nMedian of {repeat} run(s) (backends interleaved round by round); {N_WORKERS} worker processes "
           "x 1 thread per backend; ratios > 1 mean the numerator is slower.")
+    if refs:
+        print(f"{', '.join(refs)}: a reference in the calling process ({N_WORKERS} threads), "
+              "timed only for the thread-preferring workloads.")
     print(line(header))
     print("|" + "|".join("-" * (w_ + 2) for w_ in widths) + "|")
     for r in rows:
@@ -466,7 +544,7 @@ def print_table(results: dict, workloads: list[Workload], sizes: Sizes, repeat: 
     return medians
 
 
-def is_noisy(result: "BackendResult", key: str) -> bool:
+def is_noisy(result: BackendResult, key: str) -> bool:
     """Whether the run whose time is the median was disturbed by other processes."""
     times, noise = result.seconds.get(key, []), result.noise.get(key, [])
     if not times:
@@ -528,12 +606,29 @@ def print_targets(medians: dict, workloads: list[Workload], sizes: Sizes, quick:
         c, lk = get("big", "cluster"), get("big", "loky")
         lines7.append(("big argument within 1.5x of loky", fmt_ratio(c, lk), check(lambda: c <= 1.5 * lk, c, lk),
                        noisy("big", "cluster", "loky")))
+    if "big_scatter" in keys:
+        # issue 3's scatter= under the big-argument bound of issue 7 (loky has no scatter=: plain run)
+        c, lk, dk = get("big_scatter", "cluster"), get("big_scatter", "loky"), get("big_scatter", "dask")
+        lines7.append(("big argument with scatter= within 1.5x of loky", fmt_ratio(c, lk),
+                       check(lambda: c <= 1.5 * lk, c, lk), noisy("big_scatter", "cluster", "loky")))
+        lines7.append(("big argument with scatter= faster than dask", fmt_ratio(dk, c), check(lambda: c < dk, c, dk),
+                       noisy("big_scatter", "cluster", "dask")))
     if "forest" in keys:
         c, lk, dk = get("forest", "cluster"), get("forest", "loky"), get("forest", "dask")
+        th = get("forest", "threading")
         lines7.append(("random forest within 1.03x of loky", fmt_ratio(c, lk), check(lambda: c <= 1.03 * lk, c, lk),
                        noisy("forest", "cluster", "loky")))
         lines7.append(("random forest faster than dask", fmt_ratio(dk, c), check(lambda: c < dk, c, dk),
                        noisy("forest", "cluster", "dask")))
+        # prefer="threads" loops must not lose by going over the network (else: FallbackToBackend)
+        lines7.append(("random forest (prefer=threads) no slower than threading", fmt_ratio(c, th),
+                       check(lambda: c <= th, c, th), noisy("forest", "cluster", "threading")))
+    if "hgb_cv" in keys:
+        c, lk, dk = get("hgb_cv", "cluster"), get("hgb_cv", "loky"), get("hgb_cv", "dask")
+        lines7.append(("HGB cross_validate within 1.03x of loky", fmt_ratio(c, lk), check(lambda: c <= 1.03 * lk, c, lk),
+                       noisy("hgb_cv", "cluster", "loky")))
+        lines7.append(("HGB cross_validate faster than dask", fmt_ratio(dk, c), check(lambda: c < dk, c, dk),
+                       noisy("hgb_cv", "cluster", "dask")))
     c = get("startup", "cluster")
     lines7.append(("embedded local cluster ready in < 2 s", fmt_metric(c, "s"), check(lambda: c < 2.0, c), ""))
 
@@ -560,11 +655,12 @@ def report_noise(results: dict) -> None:
 
 
 def compare_outputs(results: dict) -> None:
-    for key, what in (("grid", "grid search mean_test_score"), ("forest", "forest feature_importances_")):
+    for key, what in (("grid", "grid search mean_test_score"), ("forest", "forest feature_importances_"),
+                      ("hgb_cv", "HGB cross_validate test_score")):
         outs = {b: r.outputs[key] for b, r in results.items() if key in r.outputs}
         if len(outs) < 2:
             continue
-        ref_name, ref = next(iter(outs.items()))
+        ref = next(iter(outs.values()))
         same = all(np.array_equal(ref, o) for o in outs.values())
         print(f"{what} identical across {', '.join(outs)}: {'yes' if same else 'NO'}")
 
@@ -628,8 +724,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds, i.e. timed runs per workload and backend; the median is reported "
                              "(default 3, or 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes and 1 repeat (unless --repeat)")
-    parser.add_argument("--all", action="store_true", help="also the issue 7 workloads: 200 MB argument, random forest")
-    parser.add_argument("--only", default=",".join(BACKENDS), help="backends to run, e.g. loky,cluster (default: all)")
+    parser.add_argument("--all", action="store_true",
+                        help="also the issue 7 and issue 3 workloads: 200 MB argument (plain and with scatter=), "
+                             "random forest, HGB cross-validation")
+    parser.add_argument("--only", default=",".join(ALL_BACKENDS),
+                        help="backends to run, e.g. loky,cluster (default: all; threading runs only the "
+                             "thread-preferring workloads: forest)")
     parser.add_argument("--workloads", default="",
                         help="workloads to run (default: all selected): " + ",".join(w.key for w in WORKLOADS))
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="SECONDS",
@@ -643,9 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     names = [b.strip() for b in args.only.split(",") if b.strip()]
-    unknown = set(names) - set(BACKENDS)
+    unknown = set(names) - set(ALL_BACKENDS)
     if unknown:
-        parser.error(f"unknown backend(s) {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
+        parser.error(f"unknown backend(s) {sorted(unknown)}; choose from {', '.join(ALL_BACKENDS)}")
     if args.workloads:
         wanted = {w.strip() for w in args.workloads.split(",") if w.strip()}
         unknown = wanted - {w.key for w in WORKLOADS}
@@ -673,10 +773,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        dropped = [w.key for w in workloads if w.key in ("grid", "forest")]
-        workloads = [w for w in workloads if w.key not in ("grid", "forest")]
+        dropped = [w.key for w in workloads if w.key in SKLEARN_WORKLOADS]
+        workloads = [w for w in workloads if w.key not in SKLEARN_WORKLOADS]
         if dropped:
             notes.append(f"{', '.join(dropped)} skipped: scikit-learn is not importable")
+
+    # a reference backend times only the workloads it applies to (threading: prefer="threads" loops)
+    for name in [n for n in names if not any(make_backend(n).runs(w) for w in workloads)]:
+        names.remove(name)
+        if name in args.only:
+            notes.append(f"{name} skipped: it times only {', '.join(w.key for w in WORKLOADS if make_backend(name).runs(w))}")
 
     print(f"jobsched backend benchmark: {os.cpu_count()} cores; {versions()}")
     for note in notes:
