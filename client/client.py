@@ -29,6 +29,7 @@ from ..protocol.address import parse_address, read_scheduler_file
 from ..protocol.aio import Connection, new_event_loop, open_connection
 from ..protocol.secret import load_secret
 from ..protocol.serialize import dumps, load_exception, loads
+from ..protocol.shm import SharedSegment, share_domain, worth_sharing
 from ..protocol.tls import TLSConfig, client_context
 from .errors import ClusterError, NoWorkersError, SchedulerUnreachableError, WorkerLostError
 from .local_cluster import LocalCluster
@@ -107,6 +108,7 @@ class Client:
         self._wakeup_scheduled = False
         self._conn: Connection | None = None
         self._data: dict[str, tuple] = {}  # scattered by us: key -> pickled frames, until released
+        self._segments: dict[str, SharedSegment] = {}  # keys we also put in this machine's shared memory
 
         self._loop = new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="jobsched-client-io", daemon=True)
@@ -149,9 +151,7 @@ class Client:
                 if request is not None:
                     request.set_result(message.info)  # type: ignore[attr-defined]
             elif kind is m.UploadRequest:
-                frames = self._data.get(message.key)  # type: ignore[attr-defined]
-                if frames is not None:  # else released meanwhile: the scheduler forgot it too
-                    conn.send(m.DataUpload(message.key, frames))  # type: ignore[attr-defined]
+                self._upload(conn, message)  # type: ignore[arg-type]
             elif kind is m.Welcome:
                 if not welcomed.done():
                     welcomed.set_result(message)
@@ -259,8 +259,35 @@ class Client:
     def release(self, keys: list[str]) -> None:
         """Free scattered data on every worker and here."""
         keys = [k for k in keys if self._data.pop(k, None) is not None]
+        self._unlink_segments(keys)
         if keys and not self.closed:
             self._send(m.ReleaseData(keys))
+
+    def _upload(self, conn: Connection, request: m.UploadRequest) -> None:
+        """Send our copy of ``request.key``: as a shared segment to a worker on this machine."""
+        key = request.key
+        frames = self._data.get(key)
+        if frames is None:
+            return  # released meanwhile: the scheduler forgot it too
+        if request.share_domain and request.share_domain == share_domain() and worth_sharing(frames):
+            segment = self._segments.get(key)
+            if segment is None:
+                try:
+                    segment = self._segments[key] = SharedSegment(frames)
+                except OSError as exc:  # e.g. a small /dev/shm (containers): send the bytes
+                    log.info("cannot put %s in shared memory (%s); sending it", key, exc)
+            if key not in self._data:  # released by the caller's thread while we wrote it
+                self._unlink_segments([key])
+            elif segment is not None:
+                conn.send(m.DataUpload(key, segment.name, segment.sizes))
+                return
+        conn.send(m.DataUpload(key, "", [], frames))
+
+    def _unlink_segments(self, keys: list[str]) -> None:
+        for key in keys:
+            segment = self._segments.pop(key, None)
+            if segment is not None:
+                segment.unlink()  # workers that mapped it keep their copy until they drop it
 
     # -------------------------------------------------------------- receiving
     def _deliver(self, message: m.BatchDone) -> None:
@@ -358,6 +385,7 @@ class Client:
                 future.set_exception(ClusterError("the Client was closed"))
         self._pending = {}
         self._data = {}
+        self._unlink_segments(list(self._segments))
         if self._owns_cluster and self.cluster is not None:
             self.cluster.close()
 

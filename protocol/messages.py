@@ -18,7 +18,7 @@ import msgpack
 from .errors import MalformedMessage
 from .framing import Buffer, Frame, encode_frame
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # Batch/task outcomes carried by BatchDone and TaskDone.
 OK = "ok"  # frames: the pickled result
@@ -136,6 +136,7 @@ class RegisterWorker(Message):
     host: str = ""
     memory_limit: int = 0
     data_address: str = ""  # where peers fetch the data this worker holds
+    share_domain: str = ""  # processes of one domain map each other's shared segments (protocol.shm)
 
 
 @message("welcome")
@@ -244,6 +245,12 @@ class TaskDone(Message):
 # DataReply).  If no worker holds it, the scheduler asks the owning client for
 # its copy (UploadRequest / DataUpload) and relays it to one worker (StoreData);
 # every other worker then fetches it from that one.
+#
+# Within one share domain (protocol.shm: a machine, a /dev/shm, a user) the bytes
+# go into a shared memory segment once, and workers of that domain are sent its
+# name (StoreData with ``segment``) and map it read-only instead of copying.  The
+# segment's creator, the client or the first worker there to receive the bytes,
+# reports it (DataUpload / DataStored with ``segment``) and unlinks it when done.
 
 
 @message("data-register")
@@ -262,33 +269,49 @@ class ReleaseData(Message):
 
 @message("upload-request")
 class UploadRequest(Message):
+    """Scheduler -> client: send ``key``; as a shared segment if ``share_domain`` is the client's."""
+
     key: str = ""
+    share_domain: str = ""
 
 
 @message("data-upload")
 class DataUpload(Message):
+    """Client -> scheduler: ``frames``, or the name and frame sizes of a shared segment."""
+
     key: str = ""
+    segment: str = ""
+    sizes: list[int] = dataclasses.field(default_factory=list)
     frames: tuple = dataclasses.field(default=(), repr=False)
 
 
 @message("store-data")
 class StoreData(Message):
+    """Scheduler -> worker: keep ``frames`` or map ``segment``; ``share``: other workers of
+    your domain exist, so put bytes you receive in a shared segment for them."""
+
     key: str = ""
+    segment: str = ""
+    sizes: list[int] = dataclasses.field(default_factory=list)
+    share: bool = False
     frames: tuple = dataclasses.field(default=(), repr=False)
 
 
 @message("need-data")
 class NeedData(Message):
-    """Worker -> scheduler: it needs ``key``; ``from_owner``: peers failed, send the client's copy."""
+    """Worker -> scheduler: it needs ``key``; ``from_owner``: peers failed, send the client's copy;
+    ``shared``: a shared segment may be offered (false after mapping one failed)."""
 
     key: str = ""
     from_owner: bool = False
+    shared: bool = True
 
 
 @message("data-sources")
 class DataSources(Message):
     key: str = ""
     addresses: list[str] = dataclasses.field(default_factory=list)
+    share: bool = False  # as in StoreData
 
 
 @message("data-missing")
@@ -299,8 +322,12 @@ class DataMissing(Message):
 
 @message("data-stored")
 class DataStored(Message):
+    """Worker -> scheduler: it holds ``key``; ``segment``: in a shared segment it created."""
+
     key: str = ""
     nbytes: int = 0
+    segment: str = ""
+    sizes: list[int] = dataclasses.field(default_factory=list)
 
 
 @message("data-delete")

@@ -6,6 +6,11 @@ key is pointed at peers that hold it; if none does, the owning client is asked
 for its copy, which goes to one worker, and every other waiting worker then
 fetches it from that one.  So each key crosses the scheduler at most once per
 time no worker holds it, and every other copy moves worker to worker.
+
+Within a share domain (one machine and user, see ``protocol.shm``) a copy in a
+shared memory segment serves every worker there: the directory remembers, per
+key and domain, the segment and its creator, and sends waiting workers of that
+domain its name rather than a peer to fetch from.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..protocol import messages as m
+from ..protocol.shm import valid_reference
 
 ConnId = int
 MAX_KEY_LENGTH = 200
@@ -26,8 +32,16 @@ class DataRecord:
     owner: ConnId
     nbytes: int
     holders: dict = field(default_factory=dict)  # worker conn -> None, ordered
-    waiting: dict = field(default_factory=dict)  # worker conns waiting for a copy -> None
+    waiting: dict = field(default_factory=dict)  # worker conns waiting for a copy -> may it map a segment
     uploading_to: ConnId | None = None  # worker receiving the owner's copy through us
+    segments: dict = field(default_factory=dict)  # share domain -> Segment
+
+
+@dataclass(slots=True, frozen=True)
+class Segment:
+    creator: ConnId  # the client or worker that unlinks it
+    name: str
+    sizes: list
 
 
 Send = Callable[[ConnId, m.Message], None]
@@ -40,11 +54,16 @@ class DataDirectory:
         self.records: dict[str, DataRecord] = {}
         self.held: dict[ConnId, dict[str, int]] = {}  # worker -> key -> nbytes
         self.data_addresses: dict[ConnId, str] = {}
+        self.domains: dict[ConnId, str] = {}  # worker -> share domain ("" for none)
+        self.domain_sizes: dict[str, int] = {}  # share domain -> workers in it
 
     # ---------------------------------------------------------------- workers
-    def worker_joined(self, worker: ConnId, data_address: str) -> None:
+    def worker_joined(self, worker: ConnId, data_address: str, domain: str = "") -> None:
         self.held[worker] = {}
         self.data_addresses[worker] = data_address
+        self.domains[worker] = domain
+        if domain:
+            self.domain_sizes[domain] = self.domain_sizes.get(domain, 0) + 1
 
     def worker_left(self, worker: ConnId, send: Send) -> None:
         for key in self.held.pop(worker, {}):
@@ -52,13 +71,21 @@ class DataDirectory:
             if record is not None:
                 record.holders.pop(worker, None)
         self.data_addresses.pop(worker, None)
+        domain = self.domains.pop(worker, "")
+        if domain:
+            self.domain_sizes[domain] -= 1
+            if not self.domain_sizes[domain]:
+                del self.domain_sizes[domain]
         for record in self.records.values():
             record.waiting.pop(worker, None)
+            segment = record.segments.get(domain)
+            if segment is not None and segment.creator == worker:
+                del record.segments[domain]  # its creator's exit unlinked it
             if record.uploading_to == worker:
                 record.uploading_to = None
                 self._request_upload(record, send)
 
-    def need(self, worker: ConnId, key: str, from_owner: bool, send: Send) -> None:
+    def need(self, worker: ConnId, key: str, from_owner: bool, send: Send, shared: bool = True) -> None:
         record = self.records.get(key)
         if record is None:
             send(worker, m.DataMissing(key, f"data {key[:60]!r} is not available: its client released it or disconnected"))
@@ -66,15 +93,19 @@ class DataDirectory:
         if worker in record.holders:  # it says it lacks the key: it lost it
             del record.holders[worker]
             self.held[worker].pop(key, None)
+        segment = record.segments.get(self.domains.get(worker, "")) if shared else None
+        if segment is not None:
+            send(worker, m.StoreData(key, segment.name, segment.sizes))
+            return
         sources = [] if from_owner else self._sources(record, worker)
         if sources:
-            send(worker, m.DataSources(key, sources))
+            send(worker, m.DataSources(key, sources, self._share(worker, shared)))
             return
-        record.waiting[worker] = None
+        record.waiting[worker] = shared
         if record.uploading_to is None:
             self._request_upload(record, send)
 
-    def stored(self, worker: ConnId, key: str, nbytes: int, send: Send) -> None:
+    def stored(self, worker: ConnId, key: str, nbytes: int, send: Send, segment: str = "", sizes: list | None = None) -> None:
         record = self.records.get(key)
         if record is None:
             send(worker, m.DeleteData([key]))  # released while it travelled
@@ -84,10 +115,14 @@ class DataDirectory:
         record.waiting.pop(worker, None)
         if record.uploading_to == worker:
             record.uploading_to = None
+        domain = self.domains.get(worker, "")
+        if segment and domain and domain not in record.segments and valid_reference(segment, sizes or ()):
+            record.segments[domain] = Segment(worker, segment, list(sizes or ()))
+        self._offer_segments(record, send)
         address = self.data_addresses.get(worker, "")
-        for other in list(record.waiting):
+        for other, shared in list(record.waiting.items()):
             if address:
-                send(other, m.DataSources(key, [address]))
+                send(other, m.DataSources(key, [address], self._share(other, shared)))
                 del record.waiting[other]
         if record.waiting and record.uploading_to is None:  # the holder serves no peers
             self._request_upload(record, send)
@@ -108,7 +143,7 @@ class DataDirectory:
             self.records[key] = DataRecord(key, owner, max(nbytes, 0))
         return None
 
-    def upload(self, owner: ConnId, key: str, frames: tuple, send: Send) -> None:
+    def upload(self, owner: ConnId, key: str, frames: tuple, send: Send, segment: str = "", sizes: list | None = None) -> None:
         record = self.records.get(key)
         if record is None or record.owner != owner:
             return
@@ -118,7 +153,15 @@ class DataDirectory:
             if target is None:
                 return
             record.uploading_to = target
-        send(target, m.StoreData(key, frames))
+        domain = self.domains.get(target, "")
+        if not segment:
+            send(target, m.StoreData(key, "", [], self._share(target, record.waiting.get(target, True)), frames))
+        elif domain and valid_reference(segment, sizes or ()):  # the client put it in its machine's shared memory
+            record.segments[domain] = Segment(owner, segment, list(sizes or ()))
+            self._offer_segments(record, send)  # to the target and every other waiting worker there
+        else:  # the worker it was meant for left and the next cannot map it, or a bad reference
+            record.waiting[target] = False  # so this time the client is asked for bytes
+            self._request_upload(record, send)
 
     def release(self, owner: ConnId, keys: list[str], send: Send) -> None:
         by_worker: dict[ConnId, list[str]] = {}
@@ -139,6 +182,20 @@ class DataDirectory:
         self.release(owner, [k for k, r in self.records.items() if r.owner == owner], send)
 
     # -------------------------------------------------------------- internals
+    def _offer_segments(self, record: DataRecord, send: Send) -> None:
+        """Send waiting workers the name of a segment of their domain, if there is one."""
+        for worker, shared in list(record.waiting.items()):
+            segment = record.segments.get(self.domains.get(worker, "")) if shared else None
+            if segment is not None:
+                del record.waiting[worker]
+                if record.uploading_to == worker:
+                    record.uploading_to = None
+                send(worker, m.StoreData(record.key, segment.name, segment.sizes))
+
+    def _share(self, worker: ConnId, shared: bool) -> bool:
+        """Should ``worker`` put bytes it receives in a segment: are there others in its domain?"""
+        return shared and self.domain_sizes.get(self.domains.get(worker, ""), 0) > 1
+
     def _sources(self, record: DataRecord, exclude: ConnId) -> list[str]:
         addresses = [self.data_addresses.get(w, "") for w in record.holders if w != exclude]
         return [a for a in addresses if a][:MAX_SOURCES]
@@ -148,7 +205,8 @@ class DataDirectory:
         if target is None:
             return
         record.uploading_to = target
-        send(record.owner, m.UploadRequest(record.key))
+        domain = self.domains.get(target, "") if record.waiting[target] else ""
+        send(record.owner, m.UploadRequest(record.key, domain))
 
     def info(self, worker: ConnId) -> dict:
         held = self.held.get(worker, {})
@@ -159,6 +217,8 @@ class DataDirectory:
             for worker in record.holders:
                 assert key in self.held[worker], (key, worker)
             assert record.uploading_to is None or record.uploading_to in self.held
+            for domain, segment in record.segments.items():
+                assert segment.creator == record.owner or self.domains.get(segment.creator) == domain, (key, segment)
         for worker, held in self.held.items():
             for key in held:
                 assert worker in self.records[key].holders, (key, worker)

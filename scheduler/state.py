@@ -205,9 +205,9 @@ class SchedulerState:
             elif kind is m.Closing:
                 worker.last_words = msg.reason[:500]  # type: ignore[attr-defined]
             elif kind is m.NeedData:
-                self.data.need(conn, msg.key, msg.from_owner, self._sender(out))  # type: ignore[attr-defined]
+                self.data.need(conn, msg.key, msg.from_owner, self._sender(out), msg.shared)  # type: ignore[attr-defined]
             elif kind is m.DataStored:
-                self.data.stored(conn, msg.key, msg.nbytes, self._sender(out))  # type: ignore[attr-defined]
+                self.data.stored(conn, msg.key, msg.nbytes, self._sender(out), msg.segment, msg.sizes)  # type: ignore[attr-defined]
             elif kind is m.InfoRequest:
                 out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))  # type: ignore[attr-defined]
             else:
@@ -222,7 +222,7 @@ class SchedulerState:
             elif kind is m.DataRegister:
                 self._on_data_register(client, msg, out)  # type: ignore[arg-type]
             elif kind is m.DataUpload:
-                self.data.upload(conn, msg.key, msg.frames, self._sender(out))  # type: ignore[attr-defined]
+                self.data.upload(conn, msg.key, msg.frames, self._sender(out), msg.segment, msg.sizes)  # type: ignore[attr-defined]
             elif kind is m.ReleaseData:
                 self.data.release(conn, msg.keys, self._sender(out))  # type: ignore[attr-defined]
             elif kind is m.InfoRequest:
@@ -253,7 +253,7 @@ class SchedulerState:
         worker = WorkerRecord(conn, address, name, msg.nthreads, msg.host[:MAX_NAME], msg.pid, msg.memory_limit, self.now)
         self.workers[conn] = worker
         self._place(worker)
-        self.data.worker_joined(conn, msg.data_address)
+        self.data.worker_joined(conn, msg.data_address, msg.share_domain[:MAX_NAME])
         self.counters["workers_joined"] += 1
         threads = f"{msg.nthreads} thread{'s' if msg.nthreads != 1 else ''}"
         self._log_event("worker-joined", f"{name} ({threads}, {worker.host} pid {msg.pid})")

@@ -249,9 +249,10 @@ class RunningCluster:
 
 
 def start_cluster(daemons: DaemonPool, n_workers: int = 2, scheduler_args: tuple[str, ...] = (),
-                  nthreads: int = 1) -> RunningCluster:
+                  nthreads: int = 1, worker_env: dict[str, str] | None = None) -> RunningCluster:
     sched = daemons.scheduler(*scheduler_args)
-    workers = [daemons.worker(sched.address, name=f"w{i}", nthreads=nthreads) for i in range(n_workers)]
+    env = {**daemon_env(), **worker_env} if worker_env else None
+    workers = [daemons.worker(sched.address, name=f"w{i}", nthreads=nthreads, env=env) for i in range(n_workers)]
     client = jobsched.Client(sched.address, timeout=10)
     try:
         wait_for_workers(client, [w.name for w in workers])

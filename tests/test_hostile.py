@@ -445,7 +445,7 @@ class Barrage:
                     self.tally.problem(kind, f"FetchData({key[:20]!r}) got {reply} {skipped}")
                     return
             self.tally.outcomes[(kind, "answered not-found for unknown keys")] += 1
-            conn.send(message(m.StoreData("x", (b"\x80\x05garbage",))))  # pushing data is not for peers
+            conn.send(message(m.StoreData("x", frames=(b"\x80\x05garbage",))))  # pushing data is not for peers
             self.tally.inputs[kind] += 1
             await self.expect_close(kind, conn, what="closed after an op peers may not send")
         finally:
@@ -468,7 +468,7 @@ class Barrage:
                 elif choice == 2:  # data that every worker is asked to fetch, then garbage uploaded for it
                     msg = m.DataRegister(key, rng.choice([0, -1, 2**62]), rng.random() < 0.5)
                 elif choice == 3:
-                    msg = m.DataUpload(key, tuple(rng.randbytes(rng.randint(0, 200)) for _ in range(rng.randint(0, 2))))
+                    msg = m.DataUpload(key, frames=tuple(rng.randbytes(rng.randint(0, 200)) for _ in range(rng.randint(0, 2))))
                 elif choice == 4:
                     msg = m.ReleaseData([key, f"h{index + 1}-{rng.randrange(1000)}", ""])  # some not ours
                 else:  # a batch of garbage: only the worker unpickles it, and must survive that

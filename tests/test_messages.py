@@ -45,6 +45,9 @@ def wrong_values(tp: typing.Any) -> list[typing.Any]:
     if typing.get_origin(tp) is typing.Union:
         ok = typing.get_args(tp)
         return [v for v in candidates if type(v) not in ok and not (type(v) is int and float in ok)]
+    if typing.get_origin(tp) is list:  # not a list, or a list holding one wrong item
+        (item,) = typing.get_args(tp)
+        return [v for v in candidates if type(v) is not list] + [[bad] for bad in wrong_values(item)]
     return [v for v in candidates if type(v) is not tp]
 
 

@@ -641,7 +641,7 @@ def test_scatter_flow_owner_uploads_once_then_peer_to_peer():
     assert sim.msg(1, m.DataRegister("X", 1000)) == []
     assert sim.msg(2, m.NeedData("X")) == [Send(1, m.UploadRequest("X"))]
     assert sim.msg(3, m.NeedData("X")) == []  # an upload is already under way
-    assert sim.msg(1, m.DataUpload("X", (b"pickled X",))) == [Send(2, m.StoreData("X", (b"pickled X",)))]
+    assert sim.msg(1, m.DataUpload("X", frames=(b"pickled X",))) == [Send(2, m.StoreData("X", frames=(b"pickled X",)))]
     assert sim.msg(2, m.DataStored("X", 1000)) == [Send(3, m.DataSources("X", ["tcp://10.0.1.2:9000"]))]
     assert sim.msg(3, m.DataStored("X", 1000)) == []
     info = sim.state.info()
@@ -656,11 +656,11 @@ def test_peers_failing_falls_back_to_the_owner():
     sim = data_cluster()
     sim.msg(1, m.DataRegister("X", 10))
     sim.msg(2, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", (b"x",)))
+    sim.msg(1, m.DataUpload("X", frames=(b"x",)))
     sim.msg(2, m.DataStored("X", 10))
     assert sim.msg(3, m.NeedData("X")) == [Send(3, m.DataSources("X", ["tcp://10.0.1.2:9000"]))]
     assert sim.msg(3, m.NeedData("X", from_owner=True)) == [Send(1, m.UploadRequest("X"))]
-    assert sim.msg(1, m.DataUpload("X", (b"x",))) == [Send(3, m.StoreData("X", (b"x",)))]
+    assert sim.msg(1, m.DataUpload("X", frames=(b"x",))) == [Send(3, m.StoreData("X", frames=(b"x",)))]
 
 
 def test_holder_without_data_address_cannot_serve_peers():
@@ -671,16 +671,16 @@ def test_holder_without_data_address_cannot_serve_peers():
     sim.msg(1, m.DataRegister("X", 10))
     sim.msg(2, m.NeedData("X"))
     sim.msg(3, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", (b"x",)))
+    sim.msg(1, m.DataUpload("X", frames=(b"x",)))
     assert sim.msg(2, m.DataStored("X", 10)) == [Send(1, m.UploadRequest("X"))]  # b needs the owner's copy
-    assert sim.msg(1, m.DataUpload("X", (b"x",))) == [Send(3, m.StoreData("X", (b"x",)))]
+    assert sim.msg(1, m.DataUpload("X", frames=(b"x",))) == [Send(3, m.StoreData("X", frames=(b"x",)))]
 
 
 def test_batches_prefer_a_worker_that_holds_their_data():
     sim = data_cluster()
     sim.msg(1, m.DataRegister("X", 10))
     sim.msg(3, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", (b"x",)))
+    sim.msg(1, m.DataUpload("X", frames=(b"x",)))
     sim.msg(3, m.DataStored("X", 10))
     assert list(sim.state.free_workers) == [2, 3]
     assert sim.msg(1, m.SubmitBatch(1, 1, "fit", 0, payload(1), ["X"])) == [
@@ -700,7 +700,7 @@ def test_release_deletes_copies_and_tells_waiters():
     sim = data_cluster()
     sim.msg(1, m.DataRegister("X", 10))
     sim.msg(2, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", (b"x",)))
+    sim.msg(1, m.DataUpload("X", frames=(b"x",)))
     sim.msg(2, m.DataStored("X", 10))
     sim.msg(1, m.DataRegister("Y", 10))
     sim.msg(3, m.NeedData("Y"))
@@ -716,7 +716,7 @@ def test_stored_after_release_is_deleted():
     sim = data_cluster()
     sim.msg(1, m.DataRegister("X", 10))
     sim.msg(2, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", (b"x",)))
+    sim.msg(1, m.DataUpload("X", frames=(b"x",)))
     sim.msg(1, m.ReleaseData(["X"]))
     assert sim.msg(2, m.DataStored("X", 10)) == [Send(2, m.DeleteData(["X"]))]
 
@@ -727,7 +727,7 @@ def test_client_disconnect_frees_its_data():
     sim.msg(1, m.DataRegister("X", 10))
     sim.msg(4, m.DataRegister("Z", 10))
     sim.msg(2, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", (b"x",)))
+    sim.msg(1, m.DataUpload("X", frames=(b"x",)))
     sim.msg(2, m.DataStored("X", 10))
     assert sim(PeerDisconnected(1, "gone")) == [Send(2, m.DeleteData(["X"]))]
     assert list(sim.state.data.records) == ["Z"]
@@ -754,14 +754,14 @@ def test_upload_from_a_non_owner_is_ignored():
     sim.client(4)
     sim.msg(1, m.DataRegister("X", 10))
     sim.msg(2, m.NeedData("X"))
-    assert sim.msg(4, m.DataUpload("X", (b"forged",))) == []
-    assert sim.msg(1, m.DataUpload("X", (b"x",))) == [Send(2, m.StoreData("X", (b"x",)))]
+    assert sim.msg(4, m.DataUpload("X", frames=(b"forged",))) == []
+    assert sim.msg(1, m.DataUpload("X", frames=(b"x",))) == [Send(2, m.StoreData("X", frames=(b"x",)))]
 
 
 def test_broadcast_sends_to_every_worker_through_one_upload():
     sim = data_cluster()
     assert sim.msg(1, m.DataRegister("X", 10, broadcast=True)) == [Send(1, m.UploadRequest("X"))]
-    assert sim.msg(1, m.DataUpload("X", (b"x",))) == [Send(2, m.StoreData("X", (b"x",)))]
+    assert sim.msg(1, m.DataUpload("X", frames=(b"x",))) == [Send(2, m.StoreData("X", frames=(b"x",)))]
     assert sim.msg(2, m.DataStored("X", 10)) == [Send(3, m.DataSources("X", ["tcp://10.0.1.2:9000"]))]
 
 
@@ -771,14 +771,14 @@ def test_worker_leaving_during_an_upload_passes_it_to_the_next_waiter():
     sim.msg(2, m.NeedData("X"))
     sim.msg(3, m.NeedData("X"))
     assert sim(PeerDisconnected(2, "died")) == [Send(1, m.UploadRequest("X"))]
-    assert sim.msg(1, m.DataUpload("X", (b"x",))) == [Send(3, m.StoreData("X", (b"x",)))]
+    assert sim.msg(1, m.DataUpload("X", frames=(b"x",))) == [Send(3, m.StoreData("X", frames=(b"x",)))]
 
 
 def test_worker_that_lost_its_copy_is_no_longer_a_holder():
     sim = data_cluster()
     sim.msg(1, m.DataRegister("X", 10))
     sim.msg(2, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", (b"x",)))
+    sim.msg(1, m.DataUpload("X", frames=(b"x",)))
     sim.msg(2, m.DataStored("X", 10))
     assert sim.msg(2, m.NeedData("X")) == [Send(1, m.UploadRequest("X"))]
     assert 2 not in sim.state.data.records["X"].holders
@@ -1254,7 +1254,7 @@ class World:
             asked = [k for k in self.asked if k in self.keys]
             key = self.pick(asked, n) if asked and n % 4 else self.pick(sorted(self.keys), n)
             self.asked.pop(key, None)
-            self.step(MessageReceived(self.keys[key], m.DataUpload(key, (b"data",))))
+            self.step(MessageReceived(self.keys[key], m.DataUpload(key, frames=(b"data",))))
         elif action == "stored":
             receiving = [(c, k) for c, w in self.workers.items() for k in w.incoming]
             if receiving:

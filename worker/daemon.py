@@ -33,8 +33,10 @@ from ..protocol import messages as m
 from ..protocol.address import Address, parse_address, read_scheduler_file
 from ..protocol.aio import Connection, open_connection
 from ..protocol.serialize import dump_exception
+from ..protocol.shm import SharedSegment, attach, share_domain, worth_sharing
 from .data import DataService
 from .executor import run_batch
+from .memory import private_memory
 from .state import (
     CancelReceived,
     DataArrived,
@@ -108,7 +110,7 @@ class WorkerDaemon:
         self._state: WorkerState | None = None
         self._exit_code: int | None = None
         self.in_flight = 0  # batches running in the pool's threads, whatever their session
-        self._fetches: set[asyncio.Task] = set()
+        self._data_tasks: set[asyncio.Task] = set()
         self._deliver = None
 
     async def run(self, stop: asyncio.Event) -> int:
@@ -217,11 +219,12 @@ class WorkerDaemon:
                 if key in state.running:
                     loop.call_later(self.cancel_grace, self._cancel_overran, state, key)
             elif kind is m.StoreData:
-                arrived(message.key, message.frames)  # type: ignore[attr-defined]
+                if message.segment:  # type: ignore[attr-defined]
+                    mapped(message.key, message.segment, message.sizes)  # type: ignore[attr-defined]
+                else:
+                    spawn(received(message.key, message.frames, message.share))  # type: ignore[attr-defined]
             elif kind is m.DataSources:
-                task = loop.create_task(fetch(message.key, message.addresses))  # type: ignore[attr-defined]
-                self._fetches.add(task)  # the loop keeps only a weak reference to a task
-                task.add_done_callback(self._fetches.discard)
+                spawn(fetch(message.key, message.addresses, message.share))  # type: ignore[attr-defined]
             elif kind is m.DataMissing:
                 carry_out(state.handle(DataUnavailable(message.key, message.reason)))  # type: ignore[attr-defined]
             elif kind is m.DeleteData:
@@ -234,18 +237,47 @@ class WorkerDaemon:
             else:
                 conn.abort(f"unexpected {message.op!r} from the scheduler")
 
-        def arrived(key: str, frames: tuple) -> None:
+        def spawn(coroutine) -> None:
+            task = loop.create_task(coroutine)
+            self._data_tasks.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._data_tasks.discard)
+
+        def arrived(key: str, frames: tuple, segment: SharedSegment | None = None) -> None:
             if session != self._session or conn.closed:
+                if segment is not None:
+                    segment.unlink()
                 return
             try:
-                nbytes = self.data.store(key, frames)
+                nbytes = self.data.store(key, frames, segment)
             except Exception as exc:  # noqa: BLE001 - unpickling user data can raise anything
                 carry_out(state.handle(DataUnavailable(key, f"cannot load it here: {exc!r}")))
                 return
-            conn.send(m.DataStored(key, nbytes))
+            if segment is None:
+                conn.send(m.DataStored(key, nbytes))
+            else:  # the other workers of this machine map it rather than fetch it
+                conn.send(m.DataStored(key, nbytes, segment.name, segment.sizes))
             carry_out(state.handle(DataArrived(key, nbytes)))
 
-        async def fetch(key: str, addresses: list[str]) -> None:
+        async def received(key: str, frames: tuple, share: bool) -> None:
+            """Bytes arrived; with ``share``, they go to a shared segment that we keep instead."""
+            shared = await self.data.share(frames) if share and share_domain() and worth_sharing(frames) else None
+            if shared is None:
+                arrived(key, frames)
+            else:
+                segment, mapped_frames = shared
+                arrived(key, mapped_frames, segment)
+
+        def mapped(key: str, name: str, sizes: list[int]) -> None:
+            try:
+                frames = attach(name, sizes)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot map shared segment %s for %s (%s); asking for a copy", name, key, exc)
+                if session == self._session and not conn.closed:
+                    conn.send(m.NeedData(key, shared=False))
+                return
+            arrived(key, frames)
+
+        async def fetch(key: str, addresses: list[str], share: bool) -> None:
             if key in state.data:
                 return
             try:
@@ -257,7 +289,7 @@ class WorkerDaemon:
                 if session == self._session and not conn.closed:
                     conn.send(m.NeedData(key, from_owner=True))
             else:
-                arrived(key, frames)
+                await received(key, frames, share)
 
         def on_close(_conn: Connection, reason: str) -> None:
             state.handle(RetireRequested())  # start nothing more: the scheduler requeues what waited here
@@ -268,7 +300,7 @@ class WorkerDaemon:
         sockname = conn.transport.get_extra_info("sockname") if conn.transport else None
         data_address = await self.data.start(sockname[0] if sockname else "127.0.0.1", self.data_port)
         conn.send(m.RegisterWorker(
-            self.name, self.nthreads, os.getpid(), socket.gethostname(), self.memory_limit, data_address
+            self.name, self.nthreads, os.getpid(), socket.gethostname(), self.memory_limit, data_address, share_domain()
         ))
         done, _ = await asyncio.wait([welcomed, closed], timeout=30, return_when=asyncio.FIRST_COMPLETED)
         if welcomed not in done:
@@ -287,7 +319,7 @@ class WorkerDaemon:
         try:
             while not closed.done() and not stop.is_set():
                 await asyncio.wait([closed, stopper], timeout=interval, return_when=asyncio.FIRST_COMPLETED)
-                conn.send(m.Heartbeat(self._process.memory_info().rss))
+                conn.send(m.Heartbeat(private_memory(self._process)))
         finally:
             stopper.cancel()
         if stop.is_set() and not closed.done() and self._exit_code is None:
@@ -349,7 +381,7 @@ class WorkerDaemon:
         paused = False
         while True:
             time.sleep(0.05)
-            rss = self._process.memory_info().rss
+            rss = private_memory(self._process)
             if rss > self.memory_limit:
                 running = ", ".join(self._state.running.values()) if self._state else ""
                 reason = (f"exceeded its memory limit ({rss / 2**20:.0f} MiB > {self.memory_limit / 2**20:.0f} MiB)"

@@ -2,7 +2,9 @@
 
 The store keeps the frames as received: peers are served without pickling, and
 each batch unpickles its own copy on top of the shared, read-only buffers (see
-``protocol.serialize.resolve_scattered``).
+``protocol.serialize.resolve_scattered``).  Frames may be a mapping of a shared
+memory segment (``protocol.shm``): one this worker created for the other workers
+of its machine, which it unlinks when the key is deleted, or someone else's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..protocol import messages as m
 from ..protocol.address import parse_address
 from ..protocol.aio import Connection, open_connection, start_server
 from ..protocol.serialize import DATA_STORE, loads_readonly
+from ..protocol.shm import SharedSegment, attach
 
 log = logging.getLogger("jobsched.worker")
 
@@ -29,6 +32,7 @@ class DataService:
         self.server_ssl = server_ssl
         self.client_ssl = client_ssl
         self.frames: dict[str, tuple] = {}
+        self.segments: dict[str, SharedSegment] = {}  # the ones we created, by key
         self.address = ""
         self._server: asyncio.AbstractServer | None = None
 
@@ -44,18 +48,50 @@ class DataService:
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        self._unlink(list(self.segments))
 
     # ------------------------------------------------------------------ store
-    def store(self, key: str, frames: tuple) -> int:
-        """Keep ``frames``; returns the bytes held.  Raises if they cannot be unpickled here."""
-        loads_readonly(frames)  # fail now, with a clear error, rather than in every task
+    def store(self, key: str, frames: tuple, segment: SharedSegment | None = None) -> int:
+        """Keep ``frames`` (mapped from ``segment`` if given, which we then own); returns
+        the bytes held.  Raises if they cannot be unpickled here."""
+        try:
+            loads_readonly(frames)  # fail now, with a clear error, rather than in every task
+        except BaseException:
+            if segment is not None:
+                segment.unlink()
+            raise
+        self._unlink([key])  # a segment of an earlier copy
         DATA_STORE[key] = self.frames[key] = tuple(frames)
+        if segment is not None:
+            self.segments[key] = segment
         return m.frames_nbytes(frames)
+
+    async def share(self, frames: tuple) -> tuple[SharedSegment, tuple] | None:
+        """Copy ``frames`` into a new shared segment (off the event loop: it may take a
+        while) and map it; returns the segment and its frames, or None if that failed."""
+        try:
+            segment = await asyncio.to_thread(SharedSegment, frames)
+        except OSError as exc:  # e.g. /dev/shm full: the other workers fetch over TCP
+            log.warning("cannot put data in shared memory: %s", exc)
+            return None
+        try:
+            return segment, attach(segment.name, segment.sizes)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot map the shared segment just written: %s", exc)
+            segment.unlink()
+            return None
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
             DATA_STORE.pop(key, None)
             self.frames.pop(key, None)
+        self._unlink(keys)
+
+    def _unlink(self, keys: list[str]) -> None:
+        for key in keys:
+            segment = self.segments.pop(key, None)
+            if segment is not None:
+                segment.unlink()  # workers that mapped it keep their mapping until they drop it
 
     # -------------------------------------------------------------- serving
     def _on_peer(self, conn: Connection) -> None:

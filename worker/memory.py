@@ -78,3 +78,15 @@ def parse_memory_limit(text: str | int | float | None, nprocesses: int = 1) -> i
     if value < 2**20:
         raise ValueError(f"invalid memory limit {text!r}: under 1 MiB, no worker could run")
     return value
+
+
+def private_memory(process: psutil.Process) -> int:
+    """Resident memory that is this process's own: RSS less shared pages.
+
+    Shared pages are mapped files and shared memory segments, above all scattered
+    data mapped by every worker of a machine (``protocol.shm``): counting them
+    in each process would charge one array to all of them, and a limit per
+    process would then restart workers for memory the machine holds once.
+    """
+    info = process.memory_info()
+    return max(info.rss - getattr(info, "shared", 0), 0)

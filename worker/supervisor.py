@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from .daemon import EXIT_FATAL, EXIT_SCHEDULER_GONE, cli_status
+from .memory import private_memory
 
 log = logging.getLogger("jobsched.supervisor")
 
@@ -111,7 +112,7 @@ class Supervisor:
         if not self.memory_limit or child.ps is None:
             return
         try:
-            rss = child.ps.memory_info().rss
+            rss = private_memory(child.ps)
         except psutil.Error:
             return
         if rss > HARD_LIMIT_FACTOR * self.memory_limit and child.proc is not None:
