@@ -140,10 +140,10 @@ class Status:
         return int(status["bytes_received"]) + int(status["bytes_sent"])
 
 
-def dashboard_of(cluster: RunningCluster, tmp_path: Path) -> Status:
+def dashboard_of(address: str, tmp_path: Path) -> Status:
     for path in tmp_path.glob("scheduler-*.json"):
         content = json.loads(path.read_text())
-        if content.get("address") == cluster.address and content.get("dashboard"):
+        if content.get("address") == address and content.get("dashboard"):
             return Status(content["dashboard"])
     raise AssertionError("the scheduler file names no dashboard")
 
@@ -184,7 +184,7 @@ def data_cluster(daemons, tmp_path, data_path) -> tuple[RunningCluster, Status]:
     worker_env = {"JOBSCHED_SHARED_MEMORY": "0"} if data_path == "network" else None
     running = start_cluster(daemons, scheduler_args=("--dashboard-address", "127.0.0.1:0"), worker_env=worker_env)
     try:
-        yield running, dashboard_of(running, tmp_path)
+        yield running, dashboard_of(running.address, tmp_path)
     finally:
         running.client.close()
 
