@@ -279,9 +279,9 @@ class Client:
             if key not in self._data:  # released by the caller's thread while we wrote it
                 self._unlink_segments([key])
             elif segment is not None:
-                conn.send(m.DataUpload(key, segment.name, segment.sizes))
+                conn.send(m.DataUpload(key, segment.name, segment.sizes, share_domain()))
                 return
-        conn.send(m.DataUpload(key, "", [], frames))
+        conn.send(m.DataUpload(key, frames=frames))
 
     def _unlink_segments(self, keys: list[str]) -> None:
         for key in keys:

@@ -277,11 +277,13 @@ class UploadRequest(Message):
 
 @message("data-upload")
 class DataUpload(Message):
-    """Client -> scheduler: ``frames``, or the name and frame sizes of a shared segment."""
+    """Client -> scheduler: ``frames``, or the name and frame sizes of a shared segment
+    that the workers of ``share_domain`` (the client's) can map."""
 
     key: str = ""
     segment: str = ""
     sizes: list[int] = dataclasses.field(default_factory=list)
+    share_domain: str = ""
     frames: tuple = dataclasses.field(default=(), repr=False)
 
 

@@ -127,7 +127,8 @@ def attach(name: str, sizes: Sequence[int]) -> tuple[memoryview, ...]:
     if not valid_reference(name, sizes):
         raise ValueError(f"invalid shared segment reference {name[:60]!r} ({len(sizes)} frames)")
     offsets, total = layout(sizes)
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: a FIFO planted under the name must not block us before fstat refuses it
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():

@@ -143,9 +143,14 @@ class DataDirectory:
             self.records[key] = DataRecord(key, owner, max(nbytes, 0))
         return None
 
-    def upload(self, owner: ConnId, key: str, frames: tuple, send: Send, segment: str = "", sizes: list | None = None) -> None:
+    def upload(self, owner: ConnId, key: str, frames: tuple, send: Send,
+               segment: str = "", sizes: list | None = None, domain: str = "") -> None:
         record = self.records.get(key)
         if record is None or record.owner != owner:
+            return
+        if segment:
+            if record.uploading_to is not None:  # else nobody asked for it
+                self._segment_uploaded(record, segment, list(sizes or ()), domain, send)
             return
         target = record.uploading_to
         if target is None or target not in self.held:
@@ -153,15 +158,19 @@ class DataDirectory:
             if target is None:
                 return
             record.uploading_to = target
-        domain = self.domains.get(target, "")
-        if not segment:
-            send(target, m.StoreData(key, "", [], self._share(target, record.waiting.get(target, True)), frames))
-        elif domain and valid_reference(segment, sizes or ()):  # the client put it in its machine's shared memory
-            record.segments[domain] = Segment(owner, segment, list(sizes or ()))
-            self._offer_segments(record, send)  # to the target and every other waiting worker there
-        else:  # the worker it was meant for left and the next cannot map it, or a bad reference
-            record.waiting[target] = False  # so this time the client is asked for bytes
-            self._request_upload(record, send)
+        send(target, m.StoreData(key, "", [], self._share(target, record.waiting.get(target, True)), frames))
+
+    def _segment_uploaded(self, record: DataRecord, segment: str, sizes: list, domain: str, send: Send) -> None:
+        """The client put the data in a shared segment of its domain: offer it to that domain's
+        waiting workers; if there are none (the one we asked for left), ask again for whoever
+        waits, for bytes if the reference was bad."""
+        if domain and domain in self.domain_sizes and valid_reference(segment, sizes):
+            record.segments[domain] = Segment(record.owner, segment, sizes)
+        elif record.uploading_to in record.waiting:
+            record.waiting[record.uploading_to] = False  # so the next request asks for bytes
+        record.uploading_to = None
+        if not self._offer_segments(record, send) and record.waiting:
+            self._request_upload(record, send)  # else the others fetch from those it went to
 
     def release(self, owner: ConnId, keys: list[str], send: Send) -> None:
         by_worker: dict[ConnId, list[str]] = {}
@@ -182,8 +191,10 @@ class DataDirectory:
         self.release(owner, [k for k, r in self.records.items() if r.owner == owner], send)
 
     # -------------------------------------------------------------- internals
-    def _offer_segments(self, record: DataRecord, send: Send) -> None:
-        """Send waiting workers the name of a segment of their domain, if there is one."""
+    def _offer_segments(self, record: DataRecord, send: Send) -> int:
+        """Send waiting workers the name of a segment of their domain, if there is one;
+        returns to how many."""
+        offered = 0
         for worker, shared in list(record.waiting.items()):
             segment = record.segments.get(self.domains.get(worker, "")) if shared else None
             if segment is not None:
@@ -191,6 +202,8 @@ class DataDirectory:
                 if record.uploading_to == worker:
                     record.uploading_to = None
                 send(worker, m.StoreData(record.key, segment.name, segment.sizes))
+                offered += 1
+        return offered
 
     def _share(self, worker: ConnId, shared: bool) -> bool:
         """Should ``worker`` put bytes it receives in a segment: are there others in its domain?"""

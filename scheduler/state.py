@@ -222,7 +222,7 @@ class SchedulerState:
             elif kind is m.DataRegister:
                 self._on_data_register(client, msg, out)  # type: ignore[arg-type]
             elif kind is m.DataUpload:
-                self.data.upload(conn, msg.key, msg.frames, self._sender(out), msg.segment, msg.sizes)  # type: ignore[attr-defined]
+                self.data.upload(conn, msg.key, msg.frames, self._sender(out), msg.segment, msg.sizes, msg.share_domain)  # type: ignore[attr-defined]
             elif kind is m.ReleaseData:
                 self.data.release(conn, msg.keys, self._sender(out))  # type: ignore[attr-defined]
             elif kind is m.InfoRequest:

@@ -88,18 +88,21 @@ def hog_memory(directory: str, total_mib: int = 2048, chunk_mib: int = 8, pause:
 
 
 def hold_memory(directory: str, target_mib: int, seconds: float = 60.0, chunk_mib: int = 4) -> str:
-    """Leave a mark, allocate (and touch) memory until this process's RSS passes ``target_mib``,
-    then hold it for ``seconds``: a task that loads too much, then computes."""
+    """Leave a mark, allocate (and touch) memory until this process's own memory, as the worker
+    measures it against its limit, passes ``target_mib``, then hold it for ``seconds``: a task
+    that loads too much, then computes."""
     import psutil
+
+    from jobsched.worker.memory import private_memory
 
     mark(directory)
     me = psutil.Process()
     held = []
-    while me.memory_info().rss < target_mib << 20:
+    while private_memory(me) < target_mib << 20:
         held.append(b"x" * (chunk_mib << 20))
         time.sleep(0.01)
     time.sleep(seconds)
-    return f"held {me.memory_info().rss >> 20} MiB for {seconds} s and was not stopped"
+    return f"held {private_memory(me) >> 20} MiB for {seconds} s and was not stopped"
 
 
 def rendezvous(directory: str, parties: int, i: int, timeout: float = 90.0) -> tuple[int, int, float]:

@@ -122,7 +122,7 @@ def test_client_segment_goes_to_every_waiting_worker_of_its_domain_at_once():
     assert sim.msg(4, m.NeedData("X")) == []
     assert sim.msg(3, m.NeedData("X")) == []
     assert sim.msg(5, m.NeedData("X")) == []
-    assert sim.msg(1, m.DataUpload("X", S, SIZES)) == [
+    assert sim.msg(1, m.DataUpload("X", S, SIZES, D1)) == [
         Send(2, m.StoreData("X", S, SIZES)),
         Send(3, m.StoreData("X", S, SIZES)),
     ]
@@ -145,7 +145,7 @@ def test_client_segment_goes_to_every_waiting_worker_of_its_domain_at_once():
 def test_client_segment_is_not_offered_to_a_worker_that_asked_without_shared_memory():
     sim = cluster()
     assert sim.msg(2, m.NeedData("X")) == [Send(1, m.UploadRequest("X", D1))]
-    assert sim.msg(1, m.DataUpload("X", S, SIZES)) == [Send(2, m.StoreData("X", S, SIZES))]
+    assert sim.msg(1, m.DataUpload("X", S, SIZES, D1)) == [Send(2, m.StoreData("X", S, SIZES))]
     # mapping failed on worker 2: it asks again, for bytes
     assert sim.msg(2, m.NeedData("X", shared=False)) == [Send(1, m.UploadRequest("X", ""))]
     assert sim.record.waiting == {2: False}
@@ -161,7 +161,7 @@ def test_client_segment_is_not_offered_to_a_worker_that_asked_without_shared_mem
 def test_a_holder_that_lost_its_copy_is_offered_the_segment_again():
     sim = cluster()
     sim.msg(2, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", S, SIZES))
+    sim.msg(1, m.DataUpload("X", S, SIZES, D1))
     sim.msg(2, m.DataStored("X", 5000))
     assert sim.msg(2, m.NeedData("X")) == [Send(2, m.StoreData("X", S, SIZES))]
     assert sim.record.holders == {}
@@ -171,7 +171,7 @@ def test_a_holder_that_lost_its_copy_is_offered_the_segment_again():
 def test_broadcast_uploads_once_into_the_clients_domain():
     sim = cluster()
     assert sim.msg(1, m.DataRegister("B", 10, broadcast=True)) == [Send(1, m.UploadRequest("B", D1))]
-    assert sim.msg(1, m.DataUpload("B", S, SIZES)) == [
+    assert sim.msg(1, m.DataUpload("B", S, SIZES, D1)) == [
         Send(2, m.StoreData("B", S, SIZES)),
         Send(3, m.StoreData("B", S, SIZES)),
     ]
@@ -186,7 +186,7 @@ def test_release_forgets_the_segment_and_tells_holders_and_waiters():
     sim = cluster()
     sim.msg(2, m.NeedData("X"))
     sim.msg(4, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", S, SIZES))
+    sim.msg(1, m.DataUpload("X", S, SIZES, D1))
     sim.msg(2, m.DataStored("X", 5000))
     sim.msg(3, m.NeedData("X"))
     sim.msg(3, m.DataStored("X", 5000))
@@ -301,7 +301,7 @@ def test_a_non_creator_leaving_keeps_the_segment():
 def test_client_segment_survives_any_worker_leaving():
     sim = cluster()
     sim.msg(2, m.NeedData("X"))
-    sim.msg(1, m.DataUpload("X", S, SIZES))
+    sim.msg(1, m.DataUpload("X", S, SIZES, D1))
     sim.msg(2, m.DataStored("X", 5000))
     sim.leave(2)
     assert sim.record.segments == {D1: Segment(1, S, SIZES)}
@@ -331,7 +331,7 @@ def test_invalid_client_reference_is_not_relayed_and_bytes_are_asked_for(segment
     sim = cluster()
     assert sim.msg(2, m.NeedData("X")) == [Send(1, m.UploadRequest("X", D1))]
     assert sim.msg(3, m.NeedData("X")) == []
-    assert sim.msg(1, m.DataUpload("X", segment, sizes)) == [Send(1, m.UploadRequest("X", ""))]
+    assert sim.msg(1, m.DataUpload("X", segment, sizes, D1)) == [Send(1, m.UploadRequest("X", ""))]
     assert sim.record.segments == {}
     assert sim.record.uploading_to == 2 and sim.record.waiting == {2: False, 3: True}
     assert sim.msg(1, m.DataUpload("X", frames=FRAMES)) == [Send(2, m.StoreData("X", "", [], False, FRAMES))]
@@ -345,7 +345,7 @@ def test_a_client_that_keeps_sending_bad_references_gets_one_request_per_reply()
         sim.msg(conn, m.NeedData("X"))
     requests = 0
     for _ in range(50):
-        out = sim.msg(1, m.DataUpload("X", "../evil", [10]))
+        out = sim.msg(1, m.DataUpload("X", "../evil", [10], D1))
         assert out == [Send(1, m.UploadRequest("X", ""))]
         requests += 1
     assert requests == 50 and sim.record.segments == {}
@@ -367,7 +367,7 @@ def test_an_honest_client_answering_as_asked_needs_at_most_two_requests():
         requests += len(asks)
         for ask in asks:
             if ask.share_domain == D1:
-                out += sim.msg(1, m.DataUpload("X", "jobsched-nothex", [10]))
+                out += sim.msg(1, m.DataUpload("X", "jobsched-nothex", [10], D1))
             else:
                 out += sim.msg(1, m.DataUpload("X", frames=FRAMES))
         for delivery in deliveries:
@@ -383,18 +383,19 @@ def test_an_honest_client_answering_as_asked_needs_at_most_two_requests():
 def test_client_segment_for_a_worker_without_a_domain_is_not_relayed():
     sim = cluster()
     assert sim.msg(5, m.NeedData("X")) == [Send(1, m.UploadRequest("X", ""))]
-    # an (odd) client answering a domainless request with a segment: bytes are asked for
-    assert sim.msg(1, m.DataUpload("X", S, SIZES)) == [Send(1, m.UploadRequest("X", ""))]
-    assert sim.record.segments == {}
+    # an (odd) client answering a domainless request with a segment: kept for its own
+    # domain's workers, and bytes are asked for
+    assert sim.msg(1, m.DataUpload("X", S, SIZES, D1)) == [Send(1, m.UploadRequest("X", ""))]
+    assert sim.record.segments == {D1: Segment(1, S, SIZES)}
 
 
 def test_unsolicited_segment_upload_is_ignored():
     sim = cluster()
-    assert sim.msg(1, m.DataUpload("X", S, SIZES)) == []
+    assert sim.msg(1, m.DataUpload("X", S, SIZES, D1)) == []
     assert sim.record.segments == {}
     sim.client(9)
     sim.msg(2, m.NeedData("X"))
-    assert sim.msg(9, m.DataUpload("X", S, SIZES)) == []  # not the owner
+    assert sim.msg(9, m.DataUpload("X", S, SIZES, D1)) == []  # not the owner
     assert sim.record.segments == {}
 
 
@@ -431,13 +432,6 @@ def test_data_stored_with_a_segment_for_a_released_key_is_deleted():
 # ------------------------------------------------------------------ races
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DataDirectory.upload() files a client's segment under the domain of whichever worker is "
-    "the upload target when the DataUpload arrives, not the domain the UploadRequest named: if the "
-    "worker it was asked for left meanwhile and the next waiter is on another machine, that machine's "
-    "workers are sent (and keep being sent) a segment that only exists on the client's machine",
-)
 def test_segment_for_a_worker_that_left_is_not_filed_under_the_next_workers_domain():
     sim = cluster()
     assert sim.msg(2, m.NeedData("X")) == [Send(1, m.UploadRequest("X", D1))]
@@ -445,7 +439,7 @@ def test_segment_for_a_worker_that_left_is_not_filed_under_the_next_workers_doma
     # worker 2 leaves before the client answers: the upload is passed on to 4, on D2
     assert sim.leave(2) == [Send(1, m.UploadRequest("X", D2))]
     # the client answers the first request (for D1, its own domain) with a segment
-    out = sim.msg(1, m.DataUpload("X", S, SIZES))
+    out = sim.msg(1, m.DataUpload("X", S, SIZES, D1))
     assert Send(4, m.StoreData("X", S, SIZES)) not in out, out
     assert D2 not in sim.record.segments, sim.record.segments
 
@@ -480,7 +474,7 @@ def test_directory_directly_offers_a_segment_to_all_waiting_workers_of_its_domai
     data.need(11, "X", False, sent, shared=False)
     data.need(13, "X", False, sent)
     assert step() == []
-    data.upload(1, "X", (), sent, S, SIZES)
+    data.upload(1, "X", (), sent, S, SIZES, D1)
     assert step() == [(10, m.StoreData("X", S, SIZES)), (13, m.StoreData("X", S, SIZES))]
     assert data.records["X"].waiting == {12: True, 11: False}
     assert data.records["X"].uploading_to is None

@@ -312,12 +312,6 @@ def test_attach_refuses_a_directory(stray_paths):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="attach() opens the path without O_NONBLOCK: a FIFO named jobsched-<hex> in /dev/shm "
-    "blocks it (and the worker's event loop, which calls it from StoreData) until a writer appears, "
-    "instead of refusing the non-regular file",
-)
 def test_attach_refuses_a_fifo_without_blocking(stray_paths):
     name = fresh_name()
     path = shm_path(name)
