@@ -18,7 +18,7 @@ import msgpack
 from .errors import MalformedMessage
 from .framing import Buffer, Frame, encode_frame
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: a batch carries its call context pickled once per call
 
 # Batch/task outcomes carried by BatchDone and TaskDone.
 OK = "ok"  # frames: the pickled result
