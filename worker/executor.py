@@ -95,7 +95,9 @@ def _sklearn_config(config: dict | None) -> contextlib.AbstractContextManager:
     """Put the caller's scikit-learn configuration in force for this thread, as loky does.
 
     Usually it already is (the previous batch of the call set the same): comparing costs
-    less than entering and leaving ``config_context`` for every batch."""
+    less than entering and leaving ``config_context`` for every batch.  So, as in a loky
+    worker process, a ``set_config`` made by a task itself outlives its batch, until a
+    batch whose caller's configuration differs comes along."""
     if not config:
         return contextlib.nullcontext()
     import sklearn  # imported already: _known_sklearn_options found it
