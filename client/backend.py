@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 import threading
 import weakref
@@ -98,7 +99,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self.auto_scatter_threshold = int(auto_scatter_threshold or 0)
         self._refs: dict[int, tuple[str, Any]] = {}  # id(obj) -> (key, obj): scattered by this context
         self._owned_keys: list[str] = []
-        self._context: dict = {}
+        self._context = b""  # the call's context, pickled once for all its batches
         self._call_id = 0
         self._max_running = 0
         self.progress = bool(progress)
@@ -132,7 +133,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     def start_call(self) -> None:
         assert self.client is not None
         self._call_id = self.client.new_call_id()
-        self._context = self._call_context()
+        self._context = pickle.dumps(self._call_context(), protocol=5)
         if self.progress:
             self._progress = CallProgress(self.client)
 

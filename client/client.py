@@ -186,14 +186,16 @@ class Client:
     # --------------------------------------------------------------- sending
     def _send(self, message: m.Message) -> None:
         """Queue a message from any thread; the loop thread writes queued messages in bulk."""
+        on_loop = threading.get_ident() == self._loop_thread.ident
         with self._outbox_lock:
             self._outbox.append(message)
-            if self._wakeup_scheduled:
-                return
-            self._wakeup_scheduled = True
-        if threading.get_ident() == self._loop_thread.ident:
-            self._loop.call_soon(self._flush_outbox)  # from a callback: no need to wake the loop
-        else:
+            wake = not on_loop and not self._wakeup_scheduled
+            self._wakeup_scheduled = self._wakeup_scheduled or wake
+        if on_loop:
+            # from a callback (joblib's, submitting the next batch as a result arrives): hand it
+            # to the connection now, behind what other threads queued, so it leaves this loop turn
+            self._flush_outbox()
+        elif wake:
             self._loop.call_soon_threadsafe(self._flush_outbox)
 
     def _flush_outbox(self) -> None:

@@ -209,7 +209,7 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         if self._outbox and not self.closed and self.transport is not None:
             pieces, self._outbox = self._outbox, []
-            self.bytes_sent += sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in pieces)
+            self.bytes_sent += sum(map(len, pieces))  # pieces of encode_frame: len() is bytes
             self.transport.writelines(pieces)
 
     def _write_raw(self, pieces: Iterable[Any]) -> None:

@@ -49,7 +49,7 @@ def _new_buffer(size: int) -> bytearray | mmap.mmap:
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frame:
     body: bytes
     buffers: tuple[bytearray, ...] = ()
@@ -58,7 +58,7 @@ class Frame:
 def encode_frame(body: bytes, buffers: Sequence[Buffer] = ()) -> list[Buffer]:
     """Return the pieces of one frame, ready for ``transport.writelines``.
 
-    Buffers are passed through, not copied.
+    Buffers are passed through, not copied; every piece's ``len()`` is its size in bytes.
     """
     views = [memoryview(b).cast("B") if not isinstance(b, bytes) else b for b in buffers]
     header = bytearray(_HEADER.pack(len(body), len(views)))
@@ -88,6 +88,8 @@ class FrameDecoder:
     def feed(self, data: Buffer) -> list[Frame]:
         frames: list[Frame] = []
         view = memoryview(data).cast("B")
+        if self.idle:
+            view = self._whole_frames(view, frames)
         while True:
             if self._fill is not None:
                 take = min(len(view), len(self._fill) - self._filled)
@@ -125,16 +127,53 @@ class FrameDecoder:
             self._next_buffer_or_finish(frames)
         return frames
 
+    def _whole_frames(self, view: memoryview, frames: list[Frame]) -> memoryview:
+        """The short path, when no frame is partly received: take the frames lying whole in
+        ``view`` straight from it (most control messages arrive whole, several per read),
+        with the same checks as the stages below; returns the rest of ``view``."""
+        while len(view) >= _HEADER.size:
+            body_length, count = _HEADER.unpack_from(view)
+            self._check_header(body_length, count)
+            start = _HEADER.size + count * _LENGTH.size
+            if len(view) < start:
+                break
+            lengths = struct.unpack_from(f"!{count}Q", view, _HEADER.size)
+            self._check_lengths(lengths, body_length)
+            end = start + body_length + sum(lengths)
+            if len(view) < end:
+                break
+            body = bytes(view[start : start + body_length])
+            position = start + body_length
+            buffers = []
+            for length in lengths:
+                buffer = _new_buffer(length)
+                buffer[:] = view[position : position + length]
+                buffers.append(buffer)
+                position += length
+            frames.append(Frame(body, tuple(buffers)))
+            view = view[end:]
+        return view
+
+    def _check_header(self, body_length: int, count: int) -> None:
+        if body_length > self.limits.max_body:
+            raise FrameTooLarge(f"message body of {body_length} bytes exceeds cap {self.limits.max_body}")
+        if count > self.limits.max_buffers:
+            raise FrameTooLarge(f"{count} buffers exceed cap {self.limits.max_buffers}")
+
+    def _check_lengths(self, lengths: Sequence[int], body_length: int) -> None:
+        for length in lengths:
+            if length > self.limits.max_buffer:
+                raise FrameTooLarge(f"buffer of {length} bytes exceeds cap {self.limits.max_buffer}")
+        if sum(lengths) + body_length > self.limits.max_total:
+            raise FrameTooLarge(f"frame of {sum(lengths)} bytes exceeds cap {self.limits.max_total}")
+
     # each stage consumes from _pending; returns False when it needs more bytes
     def _advance(self, frames: list[Frame]) -> bool:
         if self._body_length is None:
             if len(self._pending) < _HEADER.size:
                 return False
             body_length, count = _HEADER.unpack_from(self._pending)
-            if body_length > self.limits.max_body:
-                raise FrameTooLarge(f"message body of {body_length} bytes exceeds cap {self.limits.max_body}")
-            if count > self.limits.max_buffers:
-                raise FrameTooLarge(f"{count} buffers exceed cap {self.limits.max_buffers}")
+            self._check_header(body_length, count)
             self._body_length = body_length
             self._count = count
             del self._pending[: _HEADER.size]
@@ -144,11 +183,7 @@ class FrameDecoder:
             if len(self._pending) < need:
                 return False
             lengths = [_LENGTH.unpack_from(self._pending, i * _LENGTH.size)[0] for i in range(self._count)]
-            for length in lengths:
-                if length > self.limits.max_buffer:
-                    raise FrameTooLarge(f"buffer of {length} bytes exceeds cap {self.limits.max_buffer}")
-            if sum(lengths) + self._body_length > self.limits.max_total:
-                raise FrameTooLarge(f"frame of {sum(lengths)} bytes exceeds cap {self.limits.max_total}")
+            self._check_lengths(lengths, self._body_length)
             self._buffer_lengths = lengths
             del self._pending[:need]
             return True

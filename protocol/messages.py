@@ -10,6 +10,7 @@ op and every field's type; anything else is a :class:`MalformedMessage`.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import typing
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -18,6 +19,8 @@ import msgpack
 from .errors import MalformedMessage
 from .framing import Buffer, Frame, encode_frame
 
+# 3: a batch carries its call context pickled once per call; scattered data may be shared
+# through /dev/shm (share domains, segments)
 PROTOCOL_VERSION = 3
 
 # Batch/task outcomes carried by BatchDone and TaskDone.
@@ -39,6 +42,15 @@ class Message:
 _REGISTRY: dict[str, type[Message]] = {}
 _FIELDS: dict[type[Message], tuple[tuple[str, Callable[[Any], bool]], ...]] = {}
 _NAMES: dict[type[Message], tuple[str, ...]] = {}
+_EXACT: dict[type[Message], tuple[type | None, ...]] = {}  # per wire field: see _exact_type
+_GETTERS: dict[type[Message], Callable[[Message], tuple]] = {}  # a message's wire fields, in order
+_FRAMES_AT: dict[type[Message], int] = {}  # position of ``frames`` among the constructor's arguments
+
+
+def _exact_type(tp: Any) -> type | None:
+    """The one type a field's values usually have, checked inline by ``decode`` before
+    calling the field's checker: most fields are plain ints and strings."""
+    return tp if tp in (int, float, str, bytes, bool, dict) else None
 
 
 def _checker(tp: Any) -> Callable[[Any], bool]:
@@ -63,6 +75,14 @@ def _checker(tp: Any) -> Callable[[Any], bool]:
     raise TypeError(f"unsupported message field type {tp!r}")
 
 
+def _getter(names: tuple[str, ...]) -> Callable[[Message], tuple]:
+    if len(names) > 1:
+        return operator.attrgetter(*names)
+    if names:
+        return lambda msg: (getattr(msg, names[0]),)
+    return lambda msg: ()
+
+
 def message(op: str) -> Callable[[type], type]:
     """Class decorator: make a frozen message dataclass and register it under ``op``."""
 
@@ -76,6 +96,11 @@ def message(op: str) -> Callable[[type], type]:
             (f.name, _checker(hints[f.name])) for f in dataclasses.fields(cls) if f.name != "frames"
         )
         _NAMES[cls] = tuple(name for name, _ in _FIELDS[cls])
+        _GETTERS[cls] = _getter(_NAMES[cls])
+        _EXACT[cls] = tuple(_exact_type(hints[name]) for name in _NAMES[cls])
+        names = [f.name for f in dataclasses.fields(cls)]
+        if "frames" in names:
+            _FRAMES_AT[cls] = names.index("frames")
         _REGISTRY[op] = cls
         return cls
 
@@ -84,8 +109,7 @@ def message(op: str) -> Callable[[type], type]:
 
 def encode(msg: Message) -> list[Buffer]:
     """Encode a message into the pieces of one frame."""
-    fields = _FIELDS[type(msg)]
-    body = msgpack.packb([msg.op, *(getattr(msg, name) for name, _ in fields)], use_bin_type=True)
+    body = msgpack.packb([msg.op, *_GETTERS[type(msg)](msg)], use_bin_type=True)
     return encode_frame(body, getattr(msg, "frames", ()))
 
 
@@ -103,15 +127,16 @@ def decode(frame: Frame) -> Message:
     fields = _FIELDS[cls]
     if len(items) != len(fields) + 1:
         raise MalformedMessage(f"{cls.op}: expected {len(fields)} fields, got {len(items) - 1}")
-    for (name, check), value in zip(fields, items[1:]):
-        if not check(value):
+    del items[0]
+    for (name, check), exact, value in zip(fields, _EXACT[cls], items):
+        if type(value) is not exact and not check(value):
             raise MalformedMessage(f"{cls.op}: field {name!r} has invalid type {type(value).__name__}")
-    values = dict(zip(_NAMES[cls], items[1:]))
-    if "frames" in cls.__dataclass_fields__:
-        return cls(**values, frames=frame.buffers)
-    if frame.buffers:
+    frames_at = _FRAMES_AT.get(cls)
+    if frames_at is not None:
+        items.insert(frames_at, frame.buffers)
+    elif frame.buffers:
         raise MalformedMessage(f"{cls.op}: carries no buffers")
-    return cls(**values)
+    return cls(*items)  # positional: the fields in declaration order
 
 
 def registry() -> dict[str, type[Message]]:

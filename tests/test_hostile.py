@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import functools
 import os
+import pickle
 import random
 import socket
 import struct
@@ -1124,14 +1125,15 @@ def test_reusing_a_cancelled_call_id_does_not_break_the_scheduler(daemons):
         try:
             sock.sendall(message(m.RegisterClient("reuser", os.getpid(), "h")))
             assert type(_read_message(sock, decoder)) is m.Welcome
-            slow = tuple(dumps((functools.partial(time.sleep, 1.0), {})))
+            no_context = pickle.dumps({})  # a batch is (function, the call's context pickled)
+            slow = tuple(dumps((functools.partial(time.sleep, 1.0), no_context)))
             sock.sendall(message(m.SubmitBatch(1, 7, "sleep", 0, slow)))
             deadline = time.monotonic() + 10
             while not any(w["running"] for w in client.scheduler_info()["workers"].values()):
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             sock.sendall(message(m.CancelCall(7)))
-            quick = tuple(dumps((functools.partial(time.sleep, 0.0), {})))
+            quick = tuple(dumps((functools.partial(time.sleep, 0.0), no_context)))
             sock.sendall(message(m.SubmitBatch(2, 7, "sleep", 0, quick)))
             done = _read_message(sock, decoder, timeout=20)
             assert type(done) is m.BatchDone and done.batch_id == 2 and done.status == m.OK

@@ -1,7 +1,7 @@
 """The worker daemon: connects to the scheduler, runs batches in threads, reports back.
 
 It wires three pieces together: the connection (``protocol.aio``), the pure
-``WorkerState`` and a thread pool running ``executor.run_batch``.  When the
+``WorkerState`` and the threads running ``executor.run_batch``.  When the
 scheduler goes away it reconnects with exponential backoff, and gives up after
 ``death_timeout`` seconds without a scheduler (exit status 1, so a service
 manager restarts it).  On SIGTERM it drains: it tells the scheduler it is
@@ -24,7 +24,6 @@ import socket
 import ssl as ssl_module
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
@@ -35,7 +34,7 @@ from ..protocol.aio import Connection, open_connection
 from ..protocol.serialize import dump_exception
 from ..protocol.shm import SharedSegment, attach, share_domain, worth_sharing
 from .data import DataService
-from .executor import run_batch
+from .executor import BatchThreads
 from .memory import private_memory
 from .state import (
     CancelReceived,
@@ -102,14 +101,14 @@ class WorkerDaemon:
         self.data_port = data_port
         self.cancel_grace = cancel_grace
         self.supervised = supervised
-        self.pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="jobsched-task")
+        self.threads = BatchThreads(nthreads, self._finished)
         self.data = DataService(secret, data_ssl, ssl)
         self._process = psutil.Process()
         self._session = 0
         self._conn: Connection | None = None
         self._state: WorkerState | None = None
         self._exit_code: int | None = None
-        self.in_flight = 0  # batches running in the pool's threads, whatever their session
+        self.in_flight = 0  # batches running in the task threads, whatever their session
         self._data_tasks: set[asyncio.Task] = set()
         self._deliver = None
 
@@ -152,7 +151,7 @@ class WorkerDaemon:
                     return self._exit_code
                 lost_since = loop.time()
         finally:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.threads.shutdown()
             self.data.close()
         return self._exit_code or 0
 
@@ -194,13 +193,7 @@ class WorkerDaemon:
 
         def start(command: StartTask) -> None:
             self.in_flight += 1
-            future = self.pool.submit(run_batch, command.frames)
-
-            def finished(f) -> None:
-                status, frames, duration = f.result()
-                loop.call_soon_threadsafe(self._completed, command.task_id, command.attempt, status, frames, duration)
-
-            future.add_done_callback(finished)
+            self.threads.submit((command.task_id, command.attempt), command.frames)
 
         def completed(task_id: int, attempt: int, status: str, frames: list, duration: float) -> None:
             # always free the slot; the report goes nowhere if the connection is gone
@@ -359,6 +352,13 @@ class WorkerDaemon:
         # threads still run user code (see ``in_flight``); the timer is a backstop for a stuck loop
         self._loop.call_later(0.2, self._stop.set)
         threading.Timer(5.0, os._exit, [EXIT_RESTART]).start()
+
+    def _finished(self, key: tuple[int, int], status: str, frames: list, duration: float) -> None:
+        """In a task thread: hand the outcome to the loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._completed, *key, status, frames, duration)
+        except RuntimeError:  # the loop is closed: this worker is leaving, nobody wants the result
+            pass
 
     def _completed(self, task_id: int, attempt: int, status: str, frames: list, duration: float) -> None:
         self.in_flight -= 1

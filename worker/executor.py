@@ -1,8 +1,10 @@
 """Runs one pickled joblib batch and packs its outcome: the worker's only contact with user code.
 
-The client pickles ``(batch, context)``; ``context`` is a plain dict:
-``capture`` (CaptureOptions fields), ``sklearn_config`` (the caller's
-``sklearn.get_config()``), ``inner_max_num_threads``.  The outcome frames are
+The client pickles ``(batch, context)``; ``context`` is the per-call context,
+pickled once per call by the client (bytes), of a plain dict: ``capture``
+(CaptureOptions fields), ``sklearn_config`` (the caller's
+``sklearn.get_config()``), ``inner_max_num_threads``.  Successive batches of a
+call carry the same bytes, so the worker parses them once.  The outcome frames are
 ``dumps((result, events))`` on success, and ``dump_exception(exc) + [pickle of
 events]`` on failure, so output printed before an error still reaches the caller.
 """
@@ -12,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pickle
+import queue
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from ..protocol import messages as m
 from ..protocol.serialize import dump_exception, dumps, loads_batch
@@ -30,8 +34,9 @@ def run_batch(frames: tuple) -> tuple[str, list, float]:
     events: list = []
     try:
         with _unpickling:  # concurrent first imports of a module from two task threads can fail
-            batch, context = loads_batch(frames)
-        with capturing(_capture_options(context)) as events, _sklearn_config(context), _thread_limits(context):
+            batch, context_blob = loads_batch(frames)
+        context = _context(context_blob)
+        with capturing(context.capture) as events, _sklearn_config(context.sklearn_config), _thread_limits(context):
             result = batch()
         payload = dumps((result, events))
         status = m.OK
@@ -45,9 +50,30 @@ def run_batch(frames: tuple) -> tuple[str, list, float]:
     return status, payload, time.perf_counter() - start
 
 
-def _capture_options(context: dict) -> CaptureOptions:
-    fields = context.get("capture") or {}
-    return CaptureOptions(**{k: v for k, v in fields.items() if k in CaptureOptions.__dataclass_fields__})
+@dataclass(frozen=True)
+class _Context:
+    """A call's context, parsed."""
+
+    capture: CaptureOptions
+    sklearn_config: dict | None  # the caller's, restricted to the options known here
+    inner_max_num_threads: int | None
+
+
+_parsed: tuple[bytes, _Context] | None = None  # the last context seen: a call's batches share it
+
+
+def _context(blob: bytes) -> _Context:
+    global _parsed
+    last = _parsed
+    if last is not None and last[0] == blob:
+        return last[1]
+    raw = pickle.loads(blob)
+    fields = raw.get("capture") or {}
+    capture = CaptureOptions(**{k: v for k, v in fields.items() if k in CaptureOptions.__dataclass_fields__})
+    limit = raw.get("inner_max_num_threads")
+    context = _Context(capture, _known_sklearn_options(raw.get("sklearn_config")), int(limit) if limit else None)
+    _parsed = (blob, context)
+    return context
 
 
 def _optional_import(name: str) -> Any:
@@ -57,20 +83,78 @@ def _optional_import(name: str) -> Any:
         return None
 
 
-def _sklearn_config(context: dict) -> contextlib.AbstractContextManager:
-    """Put the caller's scikit-learn configuration in force for this thread, as loky does."""
-    config = context.get("sklearn_config")
+def _known_sklearn_options(config: dict | None) -> dict | None:
     sklearn = _optional_import("sklearn") if config else None
     if sklearn is None:
-        return contextlib.nullcontext()
+        return None
     known = sklearn.get_config()
-    return sklearn.config_context(**{k: v for k, v in config.items() if k in known})
+    return {k: v for k, v in config.items() if k in known}
 
 
-def _thread_limits(context: dict) -> contextlib.AbstractContextManager:
+def _sklearn_config(config: dict | None) -> contextlib.AbstractContextManager:
+    """Put the caller's scikit-learn configuration in force for this thread, as loky does.
+
+    Usually it already is (the previous batch of the call set the same): comparing costs
+    less than entering and leaving ``config_context`` for every batch.  So, as in a loky
+    worker process, a ``set_config`` made by a task itself outlives its batch, until a
+    batch whose caller's configuration differs comes along."""
+    if not config:
+        return contextlib.nullcontext()
+    import sklearn  # imported already: _known_sklearn_options found it
+
+    current = sklearn.get_config()
+    if all(current[k] == v for k, v in config.items()):
+        return contextlib.nullcontext()
+    return sklearn.config_context(**config)
+
+
+def _thread_limits(context: _Context) -> contextlib.AbstractContextManager:
     """Honour joblib's ``inner_max_num_threads`` for BLAS/OpenMP pools inside the tasks."""
-    limit = context.get("inner_max_num_threads")
-    threadpoolctl = _optional_import("threadpoolctl") if limit else None
+    threadpoolctl = _optional_import("threadpoolctl") if context.inner_max_num_threads else None
     if threadpoolctl is None:
         return contextlib.nullcontext()
-    return threadpoolctl.threadpool_limits(limits=int(limit))
+    return threadpoolctl.threadpool_limits(limits=context.inner_max_num_threads)
+
+
+class BatchThreads:
+    """``nthreads`` threads running batches in the order given; each outcome goes to
+    ``done(key, status, frames, duration)``, called in the task's thread.
+
+    Lighter than a ThreadPoolExecutor (no future, condition or work item per batch): with
+    tiny batches the hand-off is a good share of a batch's cost.  Daemon threads: a
+    worker leaving while user code runs must not wait for it (see worker/cli.py).
+    """
+
+    def __init__(self, nthreads: int, done: Callable[[Any, str, list, float], None]) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = done
+        self._nthreads = nthreads
+        self._threads: list[threading.Thread] = []  # started with the first batch
+
+    def submit(self, key: Any, frames: tuple) -> None:
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._serve, name=f"jobsched-task-{i}", daemon=True)
+                for i in range(self._nthreads)
+            ]
+            for thread in self._threads:
+                thread.start()
+        self._queue.put((key, frames))
+
+    def shutdown(self) -> None:
+        """Start nothing more; threads end once their current batch (if any) is done."""
+        while True:  # batches not started yet are dropped
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            key, frames = item
+            self._done(key, *run_batch(frames))
