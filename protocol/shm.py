@@ -13,6 +13,11 @@ does: if its creator dies, the tracker unlinks it.  Unlinking only removes the
 name; processes that mapped the segment keep their mapping until they drop it,
 so a creator may unlink while peers still use the data.  Readers map it
 read-only (``SharedMemory(name)`` would map it read-write).
+
+The tracker itself can die with its creator (a service manager killing the
+whole control group): a segment's name carries its creator's pid, and
+:func:`sweep_stale_segments`, run when a worker starts, removes those of
+processes that no longer exist.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Sequence
 from .framing import Buffer
 
 SHM_DIR = "/dev/shm"
-NAME_PATTERN = re.compile(r"jobsched-[0-9a-f]{32}")
+NAME_PATTERN = re.compile(r"jobsched-([0-9]{1,10})-[0-9a-f]{32}")  # creator's pid, random part
 ALIGNMENT = 64  # each frame starts on a cache line, as numpy prefers for its arrays
 MAX_FRAMES = 1024
 SHARE_MIN = 2**20  # smaller data is cheaper to send than to put in a segment of its own
@@ -41,8 +46,8 @@ _domain: str | None = None
 def share_domain() -> str:
     """An identity shared by exactly the processes that can map each other's segments.
 
-    The kernel (boot id), the ``/dev/shm`` mount (its device number) and the user
-    (segments are created ``0600``).  Empty when shared memory is unavailable
+    The kernel (boot id), the ``/dev/shm`` mount (its device number), the user
+    (segments are created ``0600``) and the pid namespace (names carry pids).  Empty when shared memory is unavailable
     here or disabled with ``JOBSCHED_SHARED_MEMORY=0``: an empty domain matches nobody.
     """
     global _domain
@@ -58,9 +63,10 @@ def _compute_domain() -> str:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot_id = f.read().strip()
         device = os.stat(SHM_DIR).st_dev
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return ""
-    identity = f"{boot_id}:{device}:{os.getuid()}:{socket.gethostname()}"
+    identity = f"{boot_id}:{device}:{os.getuid()}:{pid_namespace}:{socket.gethostname()}"
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
@@ -84,7 +90,7 @@ class SharedSegment:
         views = [memoryview(f).cast("B") for f in frames]
         self.sizes = [v.nbytes for v in views]
         offsets, total = layout(self.sizes)
-        self.name = f"jobsched-{uuid.uuid4().hex}"
+        self.name = f"jobsched-{os.getpid()}-{uuid.uuid4().hex}"
         path = os.path.join(SHM_DIR, self.name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
         self._linked = True
@@ -140,3 +146,34 @@ def attach(name: str, sizes: Sequence[int]) -> tuple[memoryview, ...]:
         os.close(fd)
     whole = memoryview(mapping)
     return tuple(whole[offset:offset + size] for offset, size in zip(offsets, sizes))
+
+
+def sweep_stale_segments() -> int:
+    """Unlink this user's segments whose creator has exited; returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        match = NAME_PATTERN.fullmatch(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if os.lstat(path).st_uid == os.getuid():
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            pass  # gone already, or not ours to remove
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

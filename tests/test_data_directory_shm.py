@@ -26,8 +26,8 @@ pytestmark = pytest.mark.timeout(30)
 
 D1 = "d1" + "0" * 30  # the client's machine
 D2 = "d2" + "0" * 30  # another machine
-S = "jobsched-" + "a" * 32  # a segment the client wrote
-W = "jobsched-" + "b" * 32  # a segment a worker wrote
+S = "jobsched-1234-" + "a" * 32  # a segment the client wrote
+W = "jobsched-1235-" + "b" * 32  # a segment a worker wrote
 SIZES = [120, 4096]
 FRAMES = (b"pickled X", b"\x00" * 16)
 HB = 1.0
@@ -242,7 +242,7 @@ def test_worker_segment_of_another_domain_does_not_replace_or_leak():
     assert sim.record.segments == {D1: Segment(2, W, SIZES), D2: Segment(4, S, SIZES)}
     assert sim.msg(6, m.NeedData("X")) == [Send(6, m.StoreData("X", S, SIZES))]
     # a second segment reported for D1 does not replace the first
-    assert sim.msg(3, m.DataStored("X", 5000, "jobsched-" + "c" * 32, [1])) == []
+    assert sim.msg(3, m.DataStored("X", 5000, "jobsched-1236-" + "c" * 32, [1])) == []
     assert sim.record.segments[D1] == Segment(2, W, SIZES)
 
 

@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from jobsched.protocol.shm import (
     attach,
     layout,
     share_domain,
+    sweep_stale_segments,
     valid_reference,
     worth_sharing,
 )
@@ -41,7 +43,7 @@ pytestmark = [
 
 
 def fresh_name() -> str:
-    return f"jobsched-{uuid.uuid4().hex}"
+    return f"jobsched-{os.getpid()}-{uuid.uuid4().hex}"
 
 
 def shm_path(name: str) -> str:
@@ -448,3 +450,24 @@ def test_resource_tracker_unlinks_the_segment_of_a_killed_creator(tmp_path):
 
 def is_segment_name(name: str) -> bool:
     return bool(shm.NAME_PATTERN.fullmatch(name))
+
+
+@pytest.mark.timeout(60)
+def test_sweep_removes_segments_of_exited_creators_only(tmp_path):
+    """A creator killed together with its resource tracker leaves its segment: the sweep
+    that runs when a worker starts removes it, and leaves live processes' segments alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = Path(SHM_DIR) / f"jobsched-{dead_pid}-{uuid.uuid4().hex}"
+    live = Path(SHM_DIR) / f"jobsched-{os.getpid()}-{uuid.uuid4().hex}"
+    unrelated = Path(SHM_DIR) / f"jobsched-other-{uuid.uuid4().hex}"
+    try:
+        for path in (stale, live, unrelated):
+            path.write_bytes(b"x")
+        assert sweep_stale_segments() >= 1
+        assert not stale.exists()
+        assert live.exists() and unrelated.exists()
+    finally:
+        for path in (stale, live, unrelated):
+            path.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from ..protocol import messages as m
 from ..protocol.address import parse_address
 from ..protocol.aio import Connection, open_connection, start_server
 from ..protocol.serialize import DATA_STORE, loads_readonly
-from ..protocol.shm import SharedSegment, attach
+from ..protocol.shm import SharedSegment, attach, share_domain, sweep_stale_segments
 
 log = logging.getLogger("jobsched.worker")
 
@@ -33,6 +33,10 @@ class DataService:
         self.client_ssl = client_ssl
         self.frames: dict[str, tuple] = {}
         self.segments: dict[str, SharedSegment] = {}  # the ones we created, by key
+        if share_domain():
+            removed = sweep_stale_segments()  # left by workers killed with their resource tracker
+            if removed:
+                log.info("removed %d shared memory segment(s) left by processes that exited", removed)
         self.address = ""
         self._server: asyncio.AbstractServer | None = None
 
