@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..protocol import HandshakeError, Role
@@ -108,7 +108,10 @@ class Client:
         self._wakeup_scheduled = False
         self._conn: Connection | None = None
         self._data: dict[str, tuple] = {}  # scattered by us: key -> pickled frames, until released
-        self._segments: dict[str, SharedSegment] = {}  # keys we also put in this machine's shared memory
+        # keys also put in this machine's shared memory: the writes, done in a thread of their own
+        self._segments: dict[str, Future] = {}
+        self._writer: ThreadPoolExecutor | None = None
+        self._uploads: set[asyncio.Task] = set()
 
         self._loop = new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="jobsched-client-io", daemon=True)
@@ -151,7 +154,9 @@ class Client:
                 if request is not None:
                     request.set_result(message.info)  # type: ignore[attr-defined]
             elif kind is m.UploadRequest:
-                self._upload(conn, message)  # type: ignore[arg-type]
+                upload = self._loop.create_task(self._upload(conn, message))  # type: ignore[arg-type]
+                self._uploads.add(upload)  # the loop keeps only a weak reference to a task
+                upload.add_done_callback(self._uploads.discard)
             elif kind is m.Welcome:
                 if not welcomed.done():
                     welcomed.set_result(message)
@@ -265,31 +270,42 @@ class Client:
         if keys and not self.closed:
             self._send(m.ReleaseData(keys))
 
-    def _upload(self, conn: Connection, request: m.UploadRequest) -> None:
+    async def _upload(self, conn: Connection, request: m.UploadRequest) -> None:
         """Send our copy of ``request.key``: as a shared segment to a worker on this machine."""
         key = request.key
         frames = self._data.get(key)
         if frames is None:
             return  # released meanwhile: the scheduler forgot it too
+        segment = None
         if request.share_domain and request.share_domain == share_domain() and worth_sharing(frames):
-            segment = self._segments.get(key)
-            if segment is None:
-                try:
-                    segment = self._segments[key] = SharedSegment(frames)
-                except OSError as exc:  # e.g. a small /dev/shm (containers): send the bytes
-                    log.info("cannot put %s in shared memory (%s); sending it", key, exc)
-            if key not in self._data:  # released by the caller's thread while we wrote it
-                self._unlink_segments([key])
-            elif segment is not None:
-                conn.send(m.DataUpload(key, segment.name, segment.sizes, share_domain()))
-                return
-        conn.send(m.DataUpload(key, frames=frames))
+            segment = await self._segment_of(key, frames)
+        if key not in self._data:  # released by the caller's thread meanwhile
+            self._unlink_segments([key])
+        elif segment is not None:
+            conn.send(m.DataUpload(key, segment.name, segment.sizes, share_domain()))
+        else:
+            conn.send(m.DataUpload(key, frames=frames))
+
+    async def _segment_of(self, key: str, frames: tuple) -> SharedSegment | None:
+        """``key``'s shared segment, written once, off the loop (a large array takes a while)."""
+        writing = self._segments.get(key)
+        if writing is None:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="jobsched-shm")
+            writing = self._segments[key] = self._writer.submit(SharedSegment, frames)
+        try:
+            return await asyncio.wrap_future(writing)
+        except Exception as exc:  # noqa: BLE001 - e.g. a small /dev/shm (containers): send the bytes
+            log.info("cannot put %s in shared memory (%s); sending it", key, exc)
+            if self._segments.get(key) is writing:
+                del self._segments[key]
+            return None
 
     def _unlink_segments(self, keys: list[str]) -> None:
         for key in keys:
-            segment = self._segments.pop(key, None)
-            if segment is not None:
-                segment.unlink()  # workers that mapped it keep their copy until they drop it
+            writing = self._segments.pop(key, None)
+            if writing is not None:  # workers that mapped it keep their copy until they drop it
+                writing.add_done_callback(_unlink_written)
 
     # -------------------------------------------------------------- receiving
     def _deliver(self, message: m.BatchDone) -> None:
@@ -388,6 +404,8 @@ class Client:
         self._pending = {}
         self._data = {}
         self._unlink_segments(list(self._segments))
+        if self._writer is not None:
+            self._writer.shutdown(wait=False)
         if self._owns_cluster and self.cluster is not None:
             self.cluster.close()
 
@@ -400,6 +418,11 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<jobsched.Client {self.address} {state}>"
+
+
+def _unlink_written(writing: Future) -> None:
+    if not writing.cancelled() and writing.exception() is None:
+        writing.result().unlink()
 
 
 def _close_all() -> None:

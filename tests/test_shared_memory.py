@@ -167,9 +167,9 @@ CLIENT_SCRIPT = textwrap.dedent("""
     import jobsched
     client = jobsched.Client(sys.argv[1], timeout=10)
     ref = client.scatter(np.ones(4_000_000), broadcast=True)
-    while not client._segments:
+    while not client._segments or not all(w.done() for w in client._segments.values()):
         time.sleep(0.05)
-    print(*(s.name for s in client._segments.values()), flush=True)
+    print(*(w.result().name for w in client._segments.values()), flush=True)
     time.sleep(600)
 """)
 

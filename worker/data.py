@@ -75,7 +75,7 @@ class DataService:
         while) and map it; returns the segment and its frames, or None if that failed."""
         try:
             segment = await asyncio.to_thread(SharedSegment, frames)
-        except OSError as exc:  # e.g. /dev/shm full: the other workers fetch over TCP
+        except Exception as exc:  # noqa: BLE001 - e.g. /dev/shm full: the other workers fetch over TCP
             log.warning("cannot put data in shared memory: %s", exc)
             return None
         try:
