@@ -17,7 +17,7 @@ from ..protocol.serialize import dumps
 from .client import Client, current_client
 from .errors import NoWorkersError
 from .progress import CallProgress
-from .scatter import DEFAULT_AUTO_THRESHOLD, dumps_batch, new_key
+from .scatter import DEFAULT_AUTO_THRESHOLD, ByReference, dumps_batch, new_key
 
 _shared_clients: dict[tuple, Client] = {}
 _shared_lock = threading.Lock()
@@ -100,6 +100,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self._refs: dict[int, tuple[str, Any]] = {}  # id(obj) -> (key, obj): scattered by this context
         self._owned_keys: list[str] = []
         self._context = b""  # the call's context, pickled once for all its batches
+        self._by_reference = ByReference()  # renewed for each call
         self._call_id = 0
         self._max_running = 0
         self.progress = bool(progress)
@@ -134,6 +135,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         assert self.client is not None
         self._call_id = self.client.new_call_id()
         self._context = pickle.dumps(self._call_context(), protocol=5)
+        self._by_reference = ByReference()
         if self.progress:
             self._progress = CallProgress(self.client)
 
@@ -148,7 +150,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     def submit(self, func: Callable, callback: Callable | None = None) -> Future:
         assert self.client is not None
         try:
-            frames, keys = dumps_batch((func, self._context), self._refs, self.auto_scatter_threshold, self._register)
+            frames, keys = dumps_batch(
+                (func, self._context), self._refs, self.auto_scatter_threshold, self._register, self._by_reference
+            )
         except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable argument
             # joblib may submit from its callback, where a raise is lost: fail the batch instead
             future: Future = Future()

@@ -11,6 +11,7 @@ a batch needs so the scheduler can place it where its data already is.
 from __future__ import annotations
 
 import io
+import types
 import uuid
 from typing import Any, Callable
 
@@ -72,15 +73,38 @@ def large_nbytes(obj: Any, threshold: int) -> int:
     return size if size >= threshold else 0
 
 
+class ByReference:
+    """The functions and classes that cloudpickle pickles by reference (by module and name),
+    remembered across the batches of one call: deciding it for every batch (module lookups,
+    the ``register_pickle_by_value`` registry) is a good share of pickling a tiny batch.
+
+    Forgotten whenever the registry changes, so a ``register_pickle_by_value`` made
+    mid-call applies from the next batch on.  One call is short-lived: a function moved out
+    of its module meanwhile keeps pickling by reference (and fails to load on the worker,
+    as it would have in a batch pickled just before the move)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[int, Any] = {}  # id -> the object, kept alive so its id stays its own
+        self.registry = cloudpickle.list_registry_pickle_by_value()
+
+    def current(self) -> dict[int, Any]:
+        registry = cloudpickle.list_registry_pickle_by_value()
+        if registry != self.registry:
+            self.objects.clear()
+            self.registry = registry
+        return self.objects
+
+
 class BatchPickler(cloudpickle.CloudPickler):
     """cloudpickle, plus scattered objects replaced by their keys."""
 
     def __init__(self, file, refs: dict[int, tuple[str, Any]], auto_threshold: int,
-                 register: Callable[[Any, int], str], buffer_callback) -> None:
+                 register: Callable[[Any, int], str], buffer_callback, by_reference: dict[int, Any]) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
         self.refs = refs
         self.auto_threshold = auto_threshold
         self.register = register
+        self.by_reference = by_reference
         self.keys: list[str] = []
 
     def reducer_override(self, obj: Any) -> Any:
@@ -99,6 +123,13 @@ class BatchPickler(cloudpickle.CloudPickler):
                 key = self.register(obj, nbytes)
                 self._need(key)
                 return (resolve_scattered, (key,))
+        if cls is types.FunctionType or isinstance(obj, type):
+            if self.by_reference.get(id(obj)) is obj:
+                return NotImplemented  # pickle's save_global, as cloudpickle decided before
+            reduced = super().reducer_override(obj)
+            if reduced is NotImplemented:
+                self.by_reference[id(obj)] = obj
+            return reduced
         return super().reducer_override(obj)
 
     def _need(self, key: str) -> None:
@@ -107,10 +138,10 @@ class BatchPickler(cloudpickle.CloudPickler):
 
 
 def dumps_batch(obj: Any, refs: dict[int, tuple[str, Any]], auto_threshold: int,
-                register: Callable[[Any, int], str]) -> tuple[list, list[str]]:
+                register: Callable[[Any, int], str], by_reference: ByReference) -> tuple[list, list[str]]:
     """Pickle a batch; returns ``(frames, keys of the scattered data it needs)``."""
     buffers: list = []
     stream = io.BytesIO()
-    pickler = BatchPickler(stream, refs, auto_threshold, register, out_of_band_collector(buffers))
+    pickler = BatchPickler(stream, refs, auto_threshold, register, out_of_band_collector(buffers), by_reference.current())
     pickler.dump(obj)
     return [stream.getvalue(), *buffers], pickler.keys

@@ -351,3 +351,33 @@ def test_a_payload_with_1024_large_arrays_fits_the_default_frame_caps():
     back = loads(m.decode(frame).frames)
     assert len(back) == n
     np.testing.assert_array_equal(np.concatenate(back), base)
+
+
+def test_a_call_remembers_what_pickles_by_reference_until_the_registry_changes(monkeypatch):
+    import cloudpickle
+
+    from jobsched.client.scatter import ByReference, dumps_batch
+
+    module = types.ModuleType("jobsched_test_by_reference")
+    exec("def triple(x):\n    return 3 * x\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    by_reference = ByReference()
+
+    def pickled() -> bytes:
+        frames, keys = dumps_batch([module.triple], {}, 0, lambda *a: "", by_reference)
+        assert keys == []
+        return frames[0]
+
+    first = pickled()
+    assert by_reference.objects == {id(module.triple): module.triple}
+    assert pickled() == first  # the second batch skips the lookups, same bytes
+    cloudpickle.register_pickle_by_value(module)  # mid-call: applies from the next batch on
+    try:
+        by_value = pickled()
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert id(module.triple) not in by_reference.objects
+    monkeypatch.delitem(sys.modules, module.__name__)  # a worker without the module loads it
+    assert pickle.loads(by_value)[0](2) == 6
+    with pytest.raises(ImportError):
+        pickle.loads(first)

@@ -24,6 +24,8 @@ import socket
 import ssl as ssl_module
 import threading
 import time
+from collections import deque
+from typing import Callable
 
 import psutil
 
@@ -48,6 +50,8 @@ from .state import (
     SendMessage,
     StartTask,
     TaskCompleted,
+    TaskWithdrawn,
+    WithdrawTask,
     WorkerState,
 )
 
@@ -108,7 +112,9 @@ class WorkerDaemon:
         self._conn: Connection | None = None
         self._state: WorkerState | None = None
         self._exit_code: int | None = None
-        self.in_flight = 0  # batches running in the task threads, whatever their session
+        self.in_flight = 0  # batches in the task threads (queued or running), whatever their session
+        self._outcomes: deque = deque()  # finished batches, from the task threads to the loop
+        self._wakeup_scheduled = False
         self._data_tasks: set[asyncio.Task] = set()
         self._deliver = None
 
@@ -166,7 +172,7 @@ class WorkerDaemon:
         loop = asyncio.get_running_loop()
         self._session += 1
         session = self._session
-        state = WorkerState(self.nthreads)
+        state = WorkerState()
         orphans = dict(self._state.running) if self._state is not None else {}
         for key, func in orphans.items():  # still running from the last session: their threads stay busy
             state.running[key] = func
@@ -182,6 +188,11 @@ class WorkerDaemon:
                     conn.send(command.message)
                 elif type(command) is StartTask:
                     start(command)
+                elif type(command) is WithdrawTask:
+                    key = (command.task_id, command.attempt)
+                    if self.threads.withdraw(key):
+                        self.in_flight -= 1
+                        carry_out(state.handle(TaskWithdrawn(*key)))
                 elif type(command) is RequestData:
                     conn.send(m.NeedData(command.key))
                 elif type(command) is FailTask:
@@ -285,7 +296,7 @@ class WorkerDaemon:
                 await received(key, frames, share)
 
         def on_close(_conn: Connection, reason: str) -> None:
-            state.handle(RetireRequested())  # start nothing more: the scheduler requeues what waited here
+            carry_out(state.handle(RetireRequested()))  # start nothing more: the scheduler requeues what waited here
             if not closed.done():
                 closed.set_result(reason)
 
@@ -316,16 +327,16 @@ class WorkerDaemon:
         finally:
             stopper.cancel()
         if stop.is_set() and not closed.done() and self._exit_code is None:
-            await self._drain(conn, state, drained)
+            await self._drain(conn, state, drained, carry_out)
         elif closed.done():
             log.warning("lost the scheduler at %s: %s", self.address, closed.result())
 
-    async def _drain(self, conn: Connection, state: WorkerState, drained: asyncio.Event) -> None:
+    async def _drain(
+        self, conn: Connection, state: WorkerState, drained: asyncio.Event, carry_out: Callable[[list], None]
+    ) -> None:
         """Retire: take no new batches, finish the running ones, then leave cleanly."""
         conn.send(m.WorkerStatus(m.RETIRING))
-        state.handle(RetireRequested())
-        if state.idle:
-            drained.set()
+        carry_out(state.handle(RetireRequested()))  # sets ``drained`` if nothing runs
         if not drained.is_set():
             log.info("draining %d running batches (up to %.0f s)", len(state.running), self.drain_timeout)
         try:
@@ -354,16 +365,26 @@ class WorkerDaemon:
         threading.Timer(5.0, os._exit, [EXIT_RESTART]).start()
 
     def _finished(self, key: tuple[int, int], status: str, frames: list, duration: float) -> None:
-        """In a task thread: hand the outcome to the loop."""
+        """In a task thread: hand the outcome to the loop.  Outcomes that finish before the
+        loop has woken up for the first go with it: one wake-up, and one write, for them all."""
+        self._outcomes.append((*key, status, frames, duration))
+        if self._wakeup_scheduled:
+            return
+        self._wakeup_scheduled = True
         try:
-            self._loop.call_soon_threadsafe(self._completed, *key, status, frames, duration)
+            self._loop.call_soon_threadsafe(self._completed)
         except RuntimeError:  # the loop is closed: this worker is leaving, nobody wants the result
             pass
 
-    def _completed(self, task_id: int, attempt: int, status: str, frames: list, duration: float) -> None:
-        self.in_flight -= 1
-        if self._deliver is not None:
-            self._deliver(task_id, attempt, status, frames, duration)
+    def _completed(self) -> None:
+        # cleared before reading: an outcome appended after the last popleft finds it false
+        self._wakeup_scheduled = False
+        outcomes = self._outcomes
+        while outcomes:
+            outcome = outcomes.popleft()
+            self.in_flight -= 1
+            if self._deliver is not None:
+                self._deliver(*outcome)
 
     def _cancel_overran(self, state: WorkerState, key: tuple[int, int]) -> None:
         if state is not self._state or self._conn is None or self._conn.closed or key not in state.running:

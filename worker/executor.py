@@ -121,12 +121,15 @@ class BatchThreads:
     ``done(key, status, frames, duration)``, called in the task's thread.
 
     Lighter than a ThreadPoolExecutor (no future, condition or work item per batch): with
-    tiny batches the hand-off is a good share of a batch's cost.  Daemon threads: a
-    worker leaving while user code runs must not wait for it (see worker/cli.py).
+    tiny batches the hand-off is a good share of a batch's cost.  A thread that finishes a
+    batch takes the next one queued at once, without waiting for the event loop.  A batch
+    no thread has started can be withdrawn.  Daemon threads: a worker leaving while user
+    code runs must not wait for it (see worker/cli.py).
     """
 
     def __init__(self, nthreads: int, done: Callable[[Any, str, list, float], None]) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # keys, in order
+        self._pending: dict = {}  # key -> frames, until a thread starts it or it is withdrawn
         self._done = done
         self._nthreads = nthreads
         self._threads: list[threading.Thread] = []  # started with the first batch
@@ -139,22 +142,25 @@ class BatchThreads:
             ]
             for thread in self._threads:
                 thread.start()
-        self._queue.put((key, frames))
+        self._pending[key] = frames
+        self._queue.put(key)
+
+    def withdraw(self, key: Any) -> bool:
+        """Take back a batch no thread has started; false if one has (or it is unknown)."""
+        # dict.pop is atomic: of this and a thread's claim in _serve, exactly one gets the frames
+        return self._pending.pop(key, None) is not None
 
     def shutdown(self) -> None:
         """Start nothing more; threads end once their current batch (if any) is done."""
-        while True:  # batches not started yet are dropped
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        self._pending.clear()  # batches not started yet are dropped
         for _ in self._threads:
             self._queue.put(None)
 
     def _serve(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            key = self._queue.get()
+            if key is None:
                 return
-            key, frames = item
-            self._done(key, *run_batch(frames))
+            frames = self._pending.pop(key, None)
+            if frames is not None:  # else withdrawn
+                self._done(key, *run_batch(frames))
