@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import socket
 import sys
 import threading
 import weakref
@@ -11,7 +12,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from joblib import register_parallel_backend
-from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+from joblib._parallel_backends import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, ThreadingBackend
 
 from ..protocol.serialize import dumps
 from .client import Client, current_client
@@ -59,7 +60,11 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     ``auto_scatter_threshold`` (default 512 KiB, 0 disables): numpy/pandas/scipy.sparse
     arguments at least this large are scattered automatically and deduplicated across
     the batches and calls of this context.  Scattered data is freed when the context exits;
-    ``progress`` (default False): show a tqdm bar of the call's batches (``pip install tqdm``).
+    ``progress`` (default False): show a tqdm bar of the call's batches (``pip install tqdm``);
+    ``local_threads`` (default True): a ``prefer="threads"`` call (scikit-learn's forests) runs
+    in threads in the caller when every worker is on this machine, as it would without this
+    backend: the cores are the same, and threads share the inputs and results that processes
+    would pickle.  False ships such calls to the workers too.
     """
 
     supports_retrieve_callback = True
@@ -78,6 +83,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         scatter: Any = None,
         auto_scatter_threshold: int = DEFAULT_AUTO_THRESHOLD,
         progress: bool = False,
+        local_threads: bool = True,
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
         **kwargs: Any,
@@ -104,6 +110,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self._call_id = 0
         self._max_running = 0
         self.progress = bool(progress)
+        self.local_threads = bool(local_threads)
+        self._cluster_is_local: bool | None = None  # found out once per context
         self._progress: CallProgress | None = None
         if scatter is not None:
             self.client = self._resolve_client()
@@ -113,12 +121,26 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
 
     # ----------------------------------------------------------- joblib API
     def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None, require: Any = None, **kwargs: Any) -> int:
-        self.parallel = parallel
         self.client = self._resolve_client()
         self.client.ensure_connected()
+        if prefer == "threads" and self.local_threads and self._cluster_on_this_machine():
+            raise FallbackToBackend(ThreadingBackend(nesting_level=self.nesting_level))
+        self.parallel = parallel
         n_jobs = self.effective_n_jobs(n_jobs)
         self._max_running = n_jobs if parallel is not None and parallel.n_jobs is not None and parallel.n_jobs > 0 else 0
         return n_jobs
+
+    def _cluster_on_this_machine(self) -> bool:
+        """Do all the workers run on this machine (an embedded cluster, or only local daemons)?"""
+        if self._cluster_is_local is None:
+            assert self.client is not None
+            if self.client.cluster is not None:
+                self._cluster_is_local = True
+            else:
+                workers = self.client.scheduler_info()["workers"].values()
+                here = socket.gethostname()
+                self._cluster_is_local = bool(workers) and all(w.get("host") == here for w in workers)
+        return self._cluster_is_local
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:

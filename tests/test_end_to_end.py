@@ -100,13 +100,40 @@ def test_cross_val_score_matches_serial(cluster: RunningCluster, digits):
     assert completed_on(cluster.client) > before
 
 
-@pytest.mark.timeout(120)
-def test_random_forest_matches_serial(cluster: RunningCluster, digits):
+def forest_on(cluster: RunningCluster, digits, **config) -> tuple[RandomForestClassifier, int]:
+    """Fit a forest (scikit-learn's ``prefer="threads"`` loop); returns it and how many
+    batches the cluster ran for it."""
+    X, y = digits
+    before = completed_on(cluster.client)
+    with parallel_config(backend="cluster", **config):
+        forest = RandomForestClassifier(n_estimators=40, random_state=0, n_jobs=-1).fit(X, y)
+    return forest, completed_on(cluster.client) - before
+
+
+def assert_same_forest(forest: RandomForestClassifier, digits) -> None:
     X, y = digits
     serial = RandomForestClassifier(n_estimators=40, random_state=0, n_jobs=1).fit(X, y)
-    before = completed_on(cluster.client)
-    with parallel_config(backend="cluster"):
-        forest = RandomForestClassifier(n_estimators=40, random_state=0, n_jobs=-1).fit(X, y)
-    assert completed_on(cluster.client) > before, "the trees were not built on the cluster"
     np.testing.assert_array_equal(forest.predict(X), serial.predict(X))
     np.testing.assert_array_equal(forest.predict_proba(X), serial.predict_proba(X))
+
+
+@pytest.mark.timeout(120)
+def test_thread_preferring_forest_runs_in_the_caller_when_the_workers_are_local(cluster: RunningCluster, digits):
+    forest, ran = forest_on(cluster, digits)
+    assert ran == 0, "every worker is on this machine: the trees should be built in the caller's threads"
+    assert_same_forest(forest, digits)
+
+
+@pytest.mark.timeout(120)
+def test_random_forest_on_the_cluster_matches_serial(cluster: RunningCluster, digits):
+    forest, ran = forest_on(cluster, digits, local_threads=False)
+    assert ran > 0, "the trees were not built on the cluster"
+    assert_same_forest(forest, digits)
+
+
+@pytest.mark.timeout(120)
+def test_thread_preferring_forest_is_shipped_to_workers_on_other_machines(cluster: RunningCluster, digits, monkeypatch):
+    monkeypatch.setattr(backend_module.socket, "gethostname", lambda: "a-laptop-elsewhere")
+    forest, ran = forest_on(cluster, digits)
+    assert ran > 0, "the workers are on another machine: the trees should be built there"
+    assert_same_forest(forest, digits)
