@@ -112,17 +112,9 @@ def _big_array(mb: int):
     return _cache[key]
 
 
-def _forest_data(n_samples: int):
-    key = ("forest", n_samples)
-    if key not in _cache:
-        from sklearn.datasets import make_classification
-        _cache[key] = make_classification(n_samples=n_samples, n_features=40, n_informative=20,
-                                          n_classes=2, random_state=0)
-    return _cache[key]
-
-
-def _hgb_data(n_samples: int):
-    key = ("hgb", n_samples)
+def _classification_data(n_samples: int):
+    """The forest's and the HGB cross-validation's dataset: 40 features, 2 classes."""
+    key = ("classification", n_samples)
     if key not in _cache:
         from sklearn.datasets import make_classification
         _cache[key] = make_classification(n_samples=n_samples, n_features=40, n_informative=20,
@@ -202,7 +194,7 @@ def run_big_scatter(s: Sizes, b: Backend):
 
 def run_forest(s: Sizes, b: Backend):
     from sklearn.ensemble import RandomForestClassifier
-    X, y = _forest_data(s.forest_samples)
+    X, y = _classification_data(s.forest_samples)
     forest = RandomForestClassifier(n_estimators=s.forest_trees, n_jobs=b.n_jobs, random_state=0)
     t0 = time.perf_counter()
     # scikit-learn's Parallel(prefer="threads"): loky and dask override the hint; the cluster
@@ -215,7 +207,7 @@ def run_forest(s: Sizes, b: Backend):
 def run_hgb_cv(s: Sizes, b: Backend):
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.model_selection import cross_validate
-    X, y = _hgb_data(s.hgb_samples)
+    X, y = _classification_data(s.hgb_samples)
     model = HistGradientBoostingClassifier(max_iter=s.hgb_iter, random_state=0)
     t0 = time.perf_counter()
     out = cross_validate(model, X, y, cv=5, n_jobs=b.n_jobs)
