@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 
+from ..protocol.shm import sweep_stale_segments
+
 
 def available_cores() -> int:
     try:
@@ -115,6 +117,8 @@ class LocalCluster:
                 proc.wait()
         self.processes = []
         shutil.rmtree(self._dir, ignore_errors=True)
+        # a worker killed with its resource tracker (the SIGKILL above) leaves its shared segments
+        sweep_stale_segments()
 
     def __enter__(self) -> "LocalCluster":
         return self

@@ -170,10 +170,10 @@ def sweep_stale_segments() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Could process ``pid`` still use its segments?  (A zombie cannot.)"""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the name, in (), may hold anything
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+    return state not in (b"Z", b"X")

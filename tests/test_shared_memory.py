@@ -150,6 +150,13 @@ def test_killing_the_process_that_created_the_segment_mid_call(daemons, tmp_path
         client.close()
 
 
+def ended(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def shm_segments_of(supervisor) -> set[str]:
     """Segments mapped by any process of the supervisor's tree."""
     found: set[str] = set()
@@ -198,3 +205,27 @@ def test_a_killed_client_leaves_no_segment_behind(daemons, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the tracker, had it not ended
         proc.wait(10)
         proc.stdout.close()
+
+
+@pytest.mark.timeout(120)
+def test_segments_of_workers_killed_with_their_tracker_are_swept_when_the_cluster_closes(big, remote_client):
+    """SIGKILL to a worker's whole process group takes its resource tracker along, so nothing
+    unlinks its segment then; closing the embedded cluster sweeps it."""
+    cluster = jobsched.LocalCluster(n_workers=2)
+    try:
+        with jobsched.Client(cluster) as client, parallel_config(backend="cluster", scheduler=client):
+            results = Parallel(n_jobs=-1, batch_size=1)(delayed(slice_sum)(big, i, 8) for i in range(8))
+            assert results == expected_sums(big, 8)
+            pids = {w["pid"] for w in client.scheduler_info()["workers"].values()}
+            written = {name for name in shm_segments() if int(name.split("-")[1]) in pids}
+            assert written, "a worker should have shared what it received with its sibling"
+            for proc in cluster.processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            for proc in cluster.processes:
+                proc.wait(10)
+            wait_until(lambda: all(map(ended, pids)), 20, "the killed workers did not end")
+        assert written & set(shm_segments()), "the segment should have outlived its killed creator"
+    finally:
+        cluster.close()
+    assert not written & set(shm_segments()), "closing the cluster did not sweep the dead workers' segments"
