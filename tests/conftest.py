@@ -212,6 +212,20 @@ def worker(daemons) -> Callable[..., subprocess.Popen]:
     return start
 
 
+def wait_until(predicate: Callable, timeout: float, message: str | Callable[[], str], interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy, and return that; AssertionError
+    naming ``message`` (text, or a function giving it) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout} s: {text}")
+        time.sleep(interval)
+
+
 def wait_for_workers(client: jobsched.Client, names: list[str], timeout: float = 30.0) -> dict:
     """Wait until workers with these names are registered; returns their info by name."""
     deadline = time.monotonic() + timeout

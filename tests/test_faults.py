@@ -46,25 +46,20 @@ from joblib import Parallel, delayed, parallel_config
 
 import fault_tasks
 import jobsched
-from conftest import Daemon, DaemonPool, RunningCluster, assert_same_cv_results, daemon_env, wait_for_workers
+from conftest import (
+    Daemon,
+    DaemonPool,
+    RunningCluster,
+    assert_same_cv_results,
+    daemon_env,
+    wait_for_workers,
+    wait_until,
+)
 
 DASHBOARD = ("--dashboard-address", "127.0.0.1:0")
 
 
 # ------------------------------------------------------------------ helpers
-def wait_until(predicate: Callable, timeout: float, message: str | Callable[[], str], interval: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(f"timed out after {timeout} s: {text}")
-        time.sleep(interval)
-
-
 def recovery(scenario: int, seconds: float, detail: str) -> None:
     print(f"\nRECOVERY scenario-{scenario}: {seconds:.1f} s ({detail})", flush=True)
 

@@ -19,7 +19,7 @@ from joblib import Parallel, delayed, parallel_config
 
 import jobsched
 import tasks
-from conftest import BIN_DIR, RunningCluster, closed_by_peer, daemon_env, start_cluster, wait_for_workers
+from conftest import BIN_DIR, RunningCluster, closed_by_peer, daemon_env, start_cluster, wait_for_workers, wait_until
 from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, InitiatorHandshake, Role, encode_frame
 from jobsched.protocol import messages as m
 from jobsched.protocol.address import parse_address
@@ -27,17 +27,6 @@ from jobsched.protocol.messages import PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------- helpers
-def wait_until(predicate, timeout: float, message: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s: {message}")
-        time.sleep(interval)
-
-
 @pytest.fixture
 def marks(tmp_path) -> Path:
     """An empty directory where tasks leave ``started-<pid>`` marks."""

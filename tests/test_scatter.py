@@ -36,7 +36,7 @@ import pytest
 from joblib import Parallel, delayed, parallel_config
 
 import jobsched
-from conftest import RunningCluster, assert_same_cv_results, daemon_env, start_cluster, wait_for_workers
+from conftest import RunningCluster, assert_same_cv_results, daemon_env, start_cluster, wait_for_workers, wait_until
 from jobsched.client.scatter import ScatteredRef
 
 MB = 10**6
@@ -78,14 +78,6 @@ def warm_up(i: int) -> int:
 # ------------------------------------------------------------------ helpers
 def expected_sums(X, n: int) -> list[float]:
     return [slice_sum(X, i, n) for i in range(n)]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, message: str | Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(message() if callable(message) else message)
-        time.sleep(0.1)
 
 
 def workers_info(client: jobsched.Client) -> dict[str, dict]:

@@ -23,10 +23,10 @@ import pytest
 from joblib import Parallel, delayed, parallel_config
 
 import jobsched
-from conftest import daemon_env, wait_for_workers
+from conftest import daemon_env, wait_for_workers, wait_until
 from jobsched.client import client as client_module
 from jobsched.protocol import shm
-from test_scatter import MB, dashboard_of, expected_sums, lo_bytes, shm_segments, slice_sum, wait_until
+from test_scatter import MB, dashboard_of, expected_sums, lo_bytes, shm_segments, slice_sum
 
 pytestmark = pytest.mark.skipif(not shm.share_domain(), reason="no usable /dev/shm here")
 
