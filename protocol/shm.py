@@ -33,6 +33,7 @@ from multiprocessing import resource_tracker
 from typing import Sequence
 
 from .framing import Buffer
+from .messages import frames_nbytes
 
 SHM_DIR = "/dev/shm"
 NAME_PATTERN = re.compile(r"jobsched-([0-9]{1,10})-[0-9a-f]{32}")  # creator's pid, random part
@@ -71,7 +72,7 @@ def _compute_domain() -> str:
 
 
 def worth_sharing(frames: Sequence[Buffer]) -> bool:
-    return sum(memoryview(f).nbytes for f in frames) >= SHARE_MIN
+    return frames_nbytes(frames) >= SHARE_MIN
 
 
 def layout(sizes: Sequence[int]) -> tuple[list[int], int]:

@@ -226,7 +226,7 @@ class WorkerDaemon:
                 if message.segment:  # type: ignore[attr-defined]
                     mapped(message.key, message.segment, message.sizes)  # type: ignore[attr-defined]
                 else:
-                    spawn(received(message.key, message.frames, message.share))  # type: ignore[attr-defined]
+                    received(message.key, message.frames, message.share)  # type: ignore[attr-defined]
             elif kind is m.DataSources:
                 spawn(fetch(message.key, message.addresses, message.share))  # type: ignore[attr-defined]
             elif kind is m.DataMissing:
@@ -262,9 +262,15 @@ class WorkerDaemon:
                 conn.send(m.DataStored(key, nbytes, segment.name, segment.sizes))
             carry_out(state.handle(DataArrived(key, nbytes)))
 
-        async def received(key: str, frames: tuple, share: bool) -> None:
+        def received(key: str, frames: tuple, share: bool) -> None:
             """Bytes arrived; with ``share``, they go to a shared segment that we keep instead."""
-            shared = await self.data.share(frames) if share and share_domain() and worth_sharing(frames) else None
+            if share and share_domain() and worth_sharing(frames):
+                spawn(shared_copy_arrived(key, frames))  # the copy takes a while: not on the loop
+            else:
+                arrived(key, frames)
+
+        async def shared_copy_arrived(key: str, frames: tuple) -> None:
+            shared = await self.data.share(frames)
             if shared is None:
                 arrived(key, frames)
             else:
@@ -293,7 +299,7 @@ class WorkerDaemon:
                 if session == self._session and not conn.closed:
                     conn.send(m.NeedData(key, from_owner=True))
             else:
-                await received(key, frames, share)
+                received(key, frames, share)
 
         def on_close(_conn: Connection, reason: str) -> None:
             carry_out(state.handle(RetireRequested()))  # start nothing more: the scheduler requeues what waited here
