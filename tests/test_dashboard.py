@@ -108,7 +108,8 @@ class Live:
             if predicate(status):
                 return status
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}: {json.dumps(status)[:2000]}\n{self.pool.report()}")
+                job_error = "" if self.job is None or self.job.error is None else f"\nthe job failed: {self.job.error!r}"
+                raise AssertionError(f"timed out waiting for {what}: {json.dumps(status)[:2000]}{job_error}\n{self.pool.report()}")
             time.sleep(0.1)
 
 
