@@ -419,6 +419,7 @@ def bench_round(name: str, result: BackendResult, workloads: list[Workload], siz
     """One round for one backend: start it, warm up, time every workload once, close it."""
     backend = make_backend(name)
     tag = f"[{name} round {round_no}]"
+    environ = dict(os.environ)  # dask's LocalCluster leaves MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS... set here
     try:
         t0 = time.perf_counter()
         backend.start()
@@ -461,6 +462,11 @@ def bench_round(name: str, result: BackendResult, workloads: list[Workload], siz
         t1 = time.perf_counter()
         backend.close()
         log(f"{tag} closed in {time.perf_counter() - t1:.2f} s")
+        if os.environ != environ:  # the next backend's processes must not inherit this one's settings
+            changed = sorted(k for k in {*os.environ, *environ} if os.environ.get(k) != environ.get(k))
+            log(f"{tag} restoring the environment variables it changed: {', '.join(changed)}")
+            os.environ.clear()
+            os.environ.update(environ)
 
 
 NOISY = 0.05  # a run during which others used more than 5% of the machine is flagged

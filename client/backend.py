@@ -13,12 +13,22 @@ from typing import Any, Callable
 
 from joblib import register_parallel_backend
 from joblib._parallel_backends import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, ThreadingBackend
+from joblib._utils import eval_expr
 
 from ..protocol.serialize import dumps
 from .client import Client, current_client
 from .errors import NoWorkersError
 from .progress import CallProgress
 from .scatter import DEFAULT_AUTO_THRESHOLD, ByReference, dumps_batch, new_key
+
+# Parallel's own default: joblib keeps 2 batches per worker dispatched.  With a fixed
+# batch_size, a batch's round trip (caller -> scheduler -> worker and back) can be much
+# longer than the batch, and 2 leave the workers idle in between: the backend keeps more.
+# Auto-batched calls keep joblib's depth: joblib grows their batches until the round trip
+# is hidden, timing each from dispatch to completion, and time spent queued behind more
+# batches would count as batch time and keep the batches small.
+JOBLIB_PRE_DISPATCH = "2 * n_jobs"
+DEFAULT_PRE_DISPATCH = "8 * n_jobs"
 
 _shared_clients: dict[tuple, Client] = {}
 _shared_lock = threading.Lock()
@@ -61,6 +71,11 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     arguments at least this large are scattered automatically and deduplicated across
     the batches and calls of this context.  Scattered data is freed when the context exits;
     ``progress`` (default False): show a tqdm bar of the call's batches (``pip install tqdm``);
+    ``pre_dispatch`` (default ``"8 * n_jobs"``): how many batches a call with a fixed
+    ``batch_size`` keeps dispatched, as joblib's ``Parallel(pre_dispatch=...)``, when the
+    ``Parallel`` leaves that at joblib's default ``"2 * n_jobs"``: short batches then wait on
+    the cluster instead of for a round trip.  ``"2 * n_jobs"`` restores joblib's depth (fewer
+    large arguments held at once).  Auto-batched calls always keep joblib's depth;
     ``local_threads`` (default True): a ``prefer="threads"`` call (scikit-learn's forests) runs
     in threads in the caller when every worker is on this machine, as it would without this
     backend: the cores are the same, and threads share the inputs and results that processes
@@ -84,6 +99,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         auto_scatter_threshold: int = DEFAULT_AUTO_THRESHOLD,
         progress: bool = False,
         local_threads: bool = True,
+        pre_dispatch: str | int = DEFAULT_PRE_DISPATCH,
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
         **kwargs: Any,
@@ -111,6 +127,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self._max_running = 0
         self.progress = bool(progress)
         self.local_threads = bool(local_threads)
+        self.pre_dispatch = _checked_pre_dispatch(pre_dispatch)
         self._cluster_is_local: bool | None = None  # found out once per context
         self._progress: CallProgress | None = None
         if scatter is not None:
@@ -126,6 +143,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         if prefer == "threads" and self.local_threads and self._cluster_on_this_machine():
             raise FallbackToBackend(ThreadingBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
+        if parallel is not None and parallel.pre_dispatch == JOBLIB_PRE_DISPATCH and parallel.batch_size != "auto":
+            parallel.pre_dispatch = self.pre_dispatch  # read by joblib after configure()
         n_jobs = self.effective_n_jobs(n_jobs)
         self._max_running = n_jobs if parallel is not None and parallel.n_jobs is not None and parallel.n_jobs > 0 else 0
         return n_jobs
@@ -257,6 +276,20 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
                 "start one with: jobsched-worker " + str(client.address)
             ) from None
         return client.total_slots()
+
+
+def _checked_pre_dispatch(value: str | int) -> str | int:
+    """``value`` if joblib's Parallel accepts it as ``pre_dispatch``, else a ValueError."""
+    try:
+        ok = value == "all" or (
+            int(eval_expr(value.replace("n_jobs", "1")) if isinstance(value, str) else value) >= 1
+        )
+    except Exception:  # noqa: BLE001 - eval_expr raises several kinds for a bad expression
+        ok = False
+    if not ok or isinstance(value, bool):
+        raise ValueError(f"pre_dispatch must be 'all', a positive integer or an expression such as '4 * n_jobs', "
+                         f"not {value!r}")
+    return value
 
 
 def _release(client_ref: "weakref.ref[Client]", keys: list[str]) -> None:
