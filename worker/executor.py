@@ -33,9 +33,11 @@ def run_batch(frames: tuple) -> tuple[str, list, float]:
     start = time.perf_counter()
     events: list = []
     try:
-        with _unpickling:  # concurrent first imports of a module from two task threads can fail
+        # concurrent first imports of a module from two task threads can fail; parsing the
+        # context imports scikit-learn (for its config) the first time, so it is done here too
+        with _unpickling:
             batch, context_blob = loads_batch(frames)
-        context = _context(context_blob)
+            context = _context(context_blob)
         with capturing(context.capture) as events, _sklearn_config(context.sklearn_config), _thread_limits(context):
             result = batch()
         payload = dumps((result, events))
