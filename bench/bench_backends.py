@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Side-by-side benchmark of joblib backends: ``loky``, dask's ``dask`` and jobsched's ``cluster``.
+"""Side-by-side benchmark of joblib backends: ``loky``, dask's ``dask``, Ray's ``ray`` and jobsched's ``cluster``.
 
-All three run in one process, one backend at a time (the other backends' processes
+All run in one process, one backend at a time (the other backends' processes
 are shut down meanwhile), each with 2 single-thread worker processes on this machine:
 
 * ``loky``: joblib's default process pool, ``n_jobs=2``;
 * ``dask``: ``distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True)``
   and a ``distributed.Client``, then ``parallel_config(backend="dask")``;
+* ``ray``: ``ray.init(num_cpus=2)`` and ``ray.util.joblib.register_ray()``, then
+  ``parallel_config(backend="ray", n_jobs=2)``; skipped with a note when ray is not installed
+  (as dask is);
 * ``cluster``: ``jobsched.Client(n_workers=2)`` (embedded LocalCluster: a scheduler and
   2 worker daemons as subprocesses), then ``parallel_config(backend="cluster")``.
 
@@ -39,7 +42,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -60,7 +62,8 @@ from joblib import Parallel, delayed, parallel_config  # noqa: E402
 import _tasks  # noqa: E402
 
 N_WORKERS = 2  # worker processes (one thread each) for every backend
-BACKENDS = ("loky", "dask", "cluster")  # the table's main columns
+BACKENDS = ("loky", "dask", "ray", "cluster")  # the table's main columns
+RIVALS = ("dask", "ray")  # the distributed backends the cluster is measured against
 REFERENCE_BACKENDS = ("threading",)  # extra columns: only the workloads they apply to
 ALL_BACKENDS = BACKENDS + REFERENCE_BACKENDS
 
@@ -218,6 +221,16 @@ def run_hgb_cv(s: Sizes, b: Backend):
     return dt, scores
 
 
+# On a virtual machine that hands freed memory back to its host (free page reporting), a
+# page freed more than about a second ago costs a host fault when next touched: measured
+# here, 1 GiB took 0.13 s to fill again right after being freed and 1.7-2.5 s one second or
+# more later.  The 200 MB workloads fill new pages (loky's memmap, our /dev/shm segment,
+# dask's copies), so their time depends on how long ago the previous run freed its own.
+# They wait this long first: every backend starts cold, as a call does in a session where
+# seconds pass between calls.
+COLD_MEMORY = 2.0
+
+
 @dataclass(frozen=True)
 class Workload:
     key: str
@@ -227,6 +240,7 @@ class Workload:
     extra: bool = False  # only with --all
     threads: bool = False  # a prefer="threads" loop: also timed on the threading reference
     n_tasks: Callable[[Sizes], int] = lambda s: 1
+    settle: float = 0.0  # seconds to wait before each timed run, after the quiet wait (see COLD_MEMORY)
 
     def metric(self, seconds: float, s: Sizes) -> float:
         return seconds / self.n_tasks(s) * 1000 if self.unit == "ms/task" else seconds
@@ -238,9 +252,10 @@ WORKLOADS = [
              n_tasks=lambda s: s.tiny_bs1),
     Workload("sleep", lambda s: f"{s.sleeps} x 10 ms sleep (ideal {ideal_sleep(s):.2f} s)", run_sleep, "s"),
     Workload("grid", lambda s: f"GridSearchCV SVC digits, {s.grid_C * s.grid_gamma * s.grid_cv} fits", run_grid, "s"),
-    Workload("big", lambda s: f"{s.big_mb} MB argument to {s.big_tasks} tasks", run_big, "s", extra=True),
+    Workload("big", lambda s: f"{s.big_mb} MB argument to {s.big_tasks} tasks", run_big, "s", extra=True,
+             settle=COLD_MEMORY),
     Workload("big_scatter", lambda s: f"{s.big_mb} MB argument, scatter=[array] (loky: plain)", run_big_scatter, "s",
-             extra=True),
+             extra=True, settle=COLD_MEMORY),
     Workload("forest", lambda s: f"RandomForest {s.forest_trees} trees (n_jobs=-1)", run_forest, "s", extra=True,
              threads=True),
     Workload("hgb_cv", lambda s: f"cross_validate HGB {s.hgb_iter} iter, 5 folds", run_hgb_cv, "s", extra=True),
@@ -301,6 +316,23 @@ class DaskBackend(Backend):
             cluster.close()
 
 
+class RayBackend(Backend):
+    """Ray's joblib backend (``ray.util.joblib``) on a local Ray instance of 2 CPUs."""
+
+    name = "ray"
+    n_jobs = N_WORKERS
+
+    def start(self) -> None:
+        import ray
+        from ray.util.joblib import register_ray
+        register_ray()
+        ray.init(num_cpus=N_WORKERS, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+
+    def close(self) -> None:
+        import ray
+        ray.shutdown()
+
+
 class ClusterBackend(Backend):
     name = "cluster"  # parallel_config(backend="cluster") uses the current Client: self.client
     supports_scatter = True
@@ -326,7 +358,8 @@ class ThreadingBackend(Backend):
 
 
 def make_backend(name: str) -> Backend:
-    return {"loky": LokyBackend, "dask": DaskBackend, "cluster": ClusterBackend, "threading": ThreadingBackend}[name]()
+    return {"loky": LokyBackend, "dask": DaskBackend, "ray": RayBackend, "cluster": ClusterBackend,
+            "threading": ThreadingBackend}[name]()
 
 
 # ------------------------------------------------------------------ runner
@@ -440,6 +473,7 @@ def bench_round(name: str, result: BackendResult, workloads: list[Workload], siz
                 for attempt in range(1 + retries):
                     gc.collect()
                     meter.wait_quiet(quiet_wait, log, f"{tag} {w.key}:")
+                    time.sleep(w.settle)
                     meter.start()
                     seconds, output = w.run(sizes, backend)
                     noise = meter.stop() if seconds >= MIN_NOISE_WALL else None
@@ -500,7 +534,7 @@ def print_table(results: dict, workloads: list[Workload], sizes: Sizes, repeat: 
     # reference columns (threading) only when they timed something
     refs = [b for b in REFERENCE_BACKENDS if b in results and results[b].seconds]
     columns = [*BACKENDS, *refs]
-    header = ["workload", *columns, "cluster/loky", "dask/cluster", *(f"cluster/{b}" for b in refs)]
+    header = ["workload", *columns, "cluster/loky", *(f"{b}/cluster" for b in RIVALS), *(f"cluster/{b}" for b in refs)]
     rows = []
     noisy_cells = False
     medians: dict = {}
@@ -518,11 +552,11 @@ def print_table(results: dict, workloads: list[Workload], sizes: Sizes, repeat: 
                 text += "*"
                 noisy_cells = True
             cells.append(text)
-        rows.append([w.label(sizes), *cells, fmt_ratio(m["cluster"], m["loky"]), fmt_ratio(m["dask"], m["cluster"]),
-                     *(fmt_ratio(m["cluster"], m[b]) for b in refs)])
+        rows.append([w.label(sizes), *cells, fmt_ratio(m["cluster"], m["loky"]),
+                     *(fmt_ratio(m[b], m["cluster"]) for b in RIVALS), *(fmt_ratio(m["cluster"], m[b]) for b in refs)])
     start = {b: (results[b].startup if b in results else None) for b in ALL_BACKENDS}
     rows.append(["start-up: workers ready + first call", *(fmt_metric(start[b], "s") for b in columns),
-                 fmt_ratio(start["cluster"], start["loky"]), fmt_ratio(start["dask"], start["cluster"]),
+                 fmt_ratio(start["cluster"], start["loky"]), *(fmt_ratio(start[b], start["cluster"]) for b in RIVALS),
                  *("-" for _ in refs)])
     medians["startup"] = start
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -573,6 +607,11 @@ def print_targets(medians: dict, workloads: list[Workload], sizes: Sizes, quick:
         hit = medians.get("noisy", {}).get(key, set()) & set(backends)
         return f" (from disturbed figures: {', '.join(sorted(hit))})" if hit else ""
 
+    def faster_than_rivals(key: str, what: str) -> list:
+        c = get(key, "cluster")
+        return [(f"{what} faster than {rival}", fmt_ratio(r, c), check(lambda r=r: c < r, c, r), noisy(key, "cluster", rival))
+                for rival in RIVALS for r in [get(key, rival)]]
+
     lines2, lines7 = [], []
     if "tiny_bs1" in keys:
         c, lk, dk = get("tiny_bs1", "cluster"), get("tiny_bs1", "loky"), get("tiny_bs1", "dask")
@@ -585,13 +624,12 @@ def print_targets(medians: dict, workloads: list[Workload], sizes: Sizes, quick:
         lines7.append(("batch_size=1 >= 25x faster than dask", fmt_ratio(dk, c), check(lambda: dk >= 25 * c, c, dk),
                        noisy("tiny_bs1", "cluster", "dask")))
     if "grid" in keys:
-        c, lk, dk = get("grid", "cluster"), get("grid", "loky"), get("grid", "dask")
+        c, lk = get("grid", "cluster"), get("grid", "loky")
         lines2.append(("grid search within 1.05x of loky", fmt_ratio(c, lk), check(lambda: c <= 1.05 * lk, c, lk),
                        noisy("grid", "cluster", "loky")))
         lines7.append(("grid search within 1.03x of loky", fmt_ratio(c, lk), check(lambda: c <= 1.03 * lk, c, lk),
                        noisy("grid", "cluster", "loky")))
-        lines7.append(("grid search faster than dask", fmt_ratio(dk, c), check(lambda: c < dk, c, dk),
-                       noisy("grid", "cluster", "dask")))
+        lines7 += faster_than_rivals("grid", "grid search")
     if "sleep" in keys:
         c = get("sleep", "cluster")
         eff = None if c is None else ideal_sleep(sizes) / c
@@ -609,27 +647,24 @@ def print_targets(medians: dict, workloads: list[Workload], sizes: Sizes, quick:
                        noisy("big", "cluster", "loky")))
     if "big_scatter" in keys:
         # issue 3's scatter= under the big-argument bound of issue 7 (loky has no scatter=: plain run)
-        c, lk, dk = get("big_scatter", "cluster"), get("big_scatter", "loky"), get("big_scatter", "dask")
+        c, lk = get("big_scatter", "cluster"), get("big_scatter", "loky")
         lines7.append(("big argument with scatter= within 1.5x of loky", fmt_ratio(c, lk),
                        check(lambda: c <= 1.5 * lk, c, lk), noisy("big_scatter", "cluster", "loky")))
-        lines7.append(("big argument with scatter= faster than dask", fmt_ratio(dk, c), check(lambda: c < dk, c, dk),
-                       noisy("big_scatter", "cluster", "dask")))
+        lines7 += faster_than_rivals("big_scatter", "big argument with scatter=")
     if "forest" in keys:
-        c, lk, dk = get("forest", "cluster"), get("forest", "loky"), get("forest", "dask")
+        c, lk = get("forest", "cluster"), get("forest", "loky")
         th = get("forest", "threading")
         lines7.append(("random forest within 1.03x of loky", fmt_ratio(c, lk), check(lambda: c <= 1.03 * lk, c, lk),
                        noisy("forest", "cluster", "loky")))
-        lines7.append(("random forest faster than dask", fmt_ratio(dk, c), check(lambda: c < dk, c, dk),
-                       noisy("forest", "cluster", "dask")))
+        lines7 += faster_than_rivals("forest", "random forest")
         # prefer="threads" loops must not lose by going over the network (else: FallbackToBackend)
         lines7.append(("random forest (prefer=threads) within 1.03x of threading in the caller", fmt_ratio(c, th),
                        check(lambda: c <= 1.03 * th, c, th), noisy("forest", "cluster", "threading")))
     if "hgb_cv" in keys:
-        c, lk, dk = get("hgb_cv", "cluster"), get("hgb_cv", "loky"), get("hgb_cv", "dask")
+        c, lk = get("hgb_cv", "cluster"), get("hgb_cv", "loky")
         lines7.append(("HGB cross_validate within 1.03x of loky", fmt_ratio(c, lk), check(lambda: c <= 1.03 * lk, c, lk),
                        noisy("hgb_cv", "cluster", "loky")))
-        lines7.append(("HGB cross_validate faster than dask", fmt_ratio(dk, c), check(lambda: c < dk, c, dk),
-                       noisy("hgb_cv", "cluster", "dask")))
+        lines7 += faster_than_rivals("hgb_cv", "HGB cross_validate")
     c = get("startup", "cluster")
     lines7.append(("embedded local cluster ready in < 2 s", fmt_metric(c, "s"), check(lambda: c < 2.0, c), ""))
 
@@ -695,7 +730,7 @@ def _is_resource_tracker(p) -> bool:
 
 def versions() -> str:
     parts = [f"python {platform.python_version()}", f"joblib {joblib.__version__}"]
-    for mod in ("sklearn", "numpy", "distributed", "jobsched", "uvloop"):
+    for mod in ("sklearn", "numpy", "distributed", "ray", "jobsched", "uvloop"):
         try:
             parts.append(f"{mod} {__import__(mod).__version__}")
         except Exception:
@@ -705,6 +740,7 @@ def versions() -> str:
 
 def git_revision() -> str:
     """The jobsched checkout's commit (the benchmark measures whatever is checked out)."""
+    import subprocess
     try:
         import jobsched
         where = os.path.dirname(os.path.abspath(jobsched.__file__))
@@ -715,23 +751,6 @@ def git_revision() -> str:
     except Exception:
         return ""
     return f" (jobsched at git {rev}{' + local changes' if dirty else ''})" if rev else ""
-
-
-def prefault_memory(gib: float) -> float:
-    """Touch ``gib`` GiB (at most half of what is available) in a child process; returns seconds.
-
-    On a fresh virtual machine the first touch of a guest page costs the host a fault
-    (measured here: 6 GiB in 13.8 s, about 2 us per 4 KiB page), later touches of a freed
-    page do not.  The 200 MB workloads write new pages in every run (loky's memmaps, our
-    /dev/shm segments, dask's copies), so without this whichever backend first reaches
-    untouched memory pays for it: a 200 MB segment write took 0.46-0.57 s instead of 0.08 s.
-    Touching the memory once up front leaves freed pages the kernel hands out again.
-    """
-    import psutil
-    nbytes = int(min(gib * 2**30, psutil.virtual_memory().available / 2))
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({nbytes}, dtype=numpy.uint8)"], check=True, timeout=600)
-    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -755,9 +774,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-noisy", type=int, default=2, metavar="N",
                         help="run a timed run again, up to N times, when other processes used more than "
                              f"{NOISY:.0%}% of the CPU during it; the least disturbed attempt counts (default 2)")
-    parser.add_argument("--prefault-gib", type=float, default=4.0, metavar="GIB",
-                        help="before the first round, touch this much memory once in a child process "
-                             "(default 4; 0: do not), see prefault_memory()")
     parser.add_argument("--json", metavar="PATH", help="also write every timing to this JSON file")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the table and targets")
     args = parser.parse_args(argv)
@@ -784,12 +800,13 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     notes = []
-    if "dask" in names:
-        try:
-            import distributed  # noqa: F401
-        except ImportError as exc:
-            names.remove("dask")
-            notes.append(f"dask skipped: distributed is not importable ({exc}); pip install 'dask[distributed]'")
+    for name, module, package in (("dask", "distributed", "dask[distributed]"), ("ray", "ray", "ray")):
+        if name in names:
+            try:
+                __import__(module)
+            except ImportError as exc:
+                names.remove(name)
+                notes.append(f"{name} skipped: {module} is not importable ({exc}); pip install '{package}'")
     try:
         import sklearn  # noqa: F401
     except ImportError:
@@ -808,8 +825,6 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print("note:", note)
 
-    if args.prefault_gib > 0:
-        log(f"prefaulting {args.prefault_gib:g} GiB of memory: {prefault_memory(args.prefault_gib):.1f} s")
     meter = NoiseMeter()
     results = {name: BackendResult() for name in names}
     # Rounds: every backend in turn, started afresh each round, so that a slow spell
