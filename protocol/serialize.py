@@ -62,6 +62,11 @@ def loads(frames: Sequence[Buffer]) -> Any:
 # each batch unpickles its own copy, whose arrays are read-only views of the one
 # received buffer.  Tasks share the memory, never each other's mutations.
 DATA_STORE: dict[str, tuple] = {}
+# Unpickling imports the modules a payload names, and two threads importing at once can
+# make importlib's deadlock detection fail one of them (seen: ``_DeadlockError`` on
+# ``numpy._core.numeric`` when a task thread unpickled its first batch while the worker's
+# event loop checked newly arrived scattered data).  A worker unpickles under this lock.
+UNPICKLING = threading.Lock()
 _batch = threading.local()  # objects already resolved while unpickling the current batch
 
 

@@ -17,7 +17,7 @@ from ..protocol import ProtocolError, Role
 from ..protocol import messages as m
 from ..protocol.address import parse_address
 from ..protocol.aio import Connection, open_connection, start_server
-from ..protocol.serialize import DATA_STORE, loads_readonly
+from ..protocol.serialize import DATA_STORE, UNPICKLING, loads_readonly
 from ..protocol.shm import SharedSegment, attach, share_domain, sweep_stale_segments
 
 log = logging.getLogger("jobsched.worker")
@@ -59,7 +59,8 @@ class DataService:
         """Keep ``frames`` (mapped from ``segment`` if given, which we then own); returns
         the bytes held.  Raises if they cannot be unpickled here."""
         try:
-            loads_readonly(frames)  # fail now, with a clear error, rather than in every task
+            with UNPICKLING:
+                loads_readonly(frames)  # fail now, with a clear error, rather than in every task
         except BaseException:
             if segment is not None:
                 segment.unlink()

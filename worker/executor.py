@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..protocol import messages as m
-from ..protocol.serialize import dump_exception, dumps, loads_batch
+from ..protocol.serialize import UNPICKLING, dump_exception, dumps, loads_batch
 from .capture import CaptureOptions, capturing
 
-
-_unpickling = threading.Lock()
 
 
 def run_batch(frames: tuple) -> tuple[str, list, float]:
@@ -33,9 +31,8 @@ def run_batch(frames: tuple) -> tuple[str, list, float]:
     start = time.perf_counter()
     events: list = []
     try:
-        # concurrent first imports of a module from two task threads can fail; parsing the
-        # context imports scikit-learn (for its config) the first time, so it is done here too
-        with _unpickling:
+        # parsing the context imports scikit-learn (for its config) the first time
+        with UNPICKLING:
             batch, context_blob = loads_batch(frames)
             context = _context(context_blob)
         with capturing(context.capture) as events, _sklearn_config(context.sklearn_config), _thread_limits(context):
