@@ -44,8 +44,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The task functions live in bench/_tasks.py.  Our own process finds them through
@@ -55,11 +56,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
 
-import numpy as np  # noqa: E402
-import joblib  # noqa: E402
-from joblib import Parallel, delayed, parallel_config  # noqa: E402
-
 import _tasks  # noqa: E402
+import joblib  # noqa: E402
+import numpy as np  # noqa: E402
+from joblib import Parallel, delayed, parallel_config  # noqa: E402
 
 N_WORKERS = 2  # worker processes (one thread each) for every backend
 BACKENDS = ("loky", "dask", "ray", "cluster")  # the table's main columns

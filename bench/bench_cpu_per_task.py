@@ -27,10 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the task module, for us and (through PYTHONPATH) for the workers
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
 
+import _tasks  # noqa: E402
 import psutil  # noqa: E402
 from joblib import Parallel, delayed, parallel_config  # noqa: E402
-
-import _tasks  # noqa: E402
 
 N_WORKERS = 2
 WORKLOADS = {  # name -> (number of tasks, Parallel keyword arguments)

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import time
 
-import jobsched
 from joblib import Parallel, delayed, parallel_config
+
+import jobsched
 
 
 def local_cluster_ready() -> float:

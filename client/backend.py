@@ -8,14 +8,15 @@ import socket
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from joblib import register_parallel_backend
 from joblib._parallel_backends import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, ThreadingBackend
 from joblib._utils import eval_expr
 
-from ..protocol.serialize import dumps
+from ..payload.serialize import dumps
 from .client import Client, current_client
 from .errors import NoWorkersError
 from .progress import CallProgress
@@ -88,7 +89,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def __init__(
         self,
-        scheduler: "str | Client | None" = None,
+        scheduler: str | Client | None = None,
         secret: str | bytes | None = None,
         wait_for_workers_timeout: float = 60.0,
         capture_output: bool = True,
@@ -259,7 +260,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         return key
 
     def _resolve_client(self) -> Client:
-        if hasattr(self.scheduler, "submit_batch"):  # a Client (duck-typed: a second import of the package still works)
+        if isinstance(self.scheduler, Client):
             if self.scheduler.closed:
                 raise ValueError("the Client given as scheduler= is closed")
             return self.scheduler
@@ -292,7 +293,7 @@ def _checked_pre_dispatch(value: str | int) -> str | int:
     return value
 
 
-def _release(client_ref: "weakref.ref[Client]", keys: list[str]) -> None:
+def _release(client_ref: weakref.ref[Client], keys: list[str]) -> None:
     client = client_ref()
     if client is not None and not client.closed:
         client.release(keys)

@@ -23,14 +23,16 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ..payload.serialize import dumps, load_exception, loads
+from ..payload.shm import SharedSegment, share_domain, worth_sharing
 from ..protocol import HandshakeError, Role
 from ..protocol import messages as m
-from ..protocol.address import parse_address, read_scheduler_file
-from ..protocol.aio import Connection, new_event_loop, open_connection
-from ..protocol.secret import load_secret
-from ..protocol.serialize import dumps, load_exception, loads
-from ..protocol.shm import SharedSegment, share_domain, worth_sharing
+from ..protocol.address import parse_address
+from ..protocol.aio import Connection, open_connection
 from ..protocol.tls import TLSConfig, client_context
+from ..runtime.daemon import new_event_loop
+from ..runtime.scheduler_file import read_scheduler_file
+from ..runtime.secret import load_secret
 from .errors import ClusterError, NoWorkersError, SchedulerUnreachableError, WorkerLostError
 from .local_cluster import LocalCluster
 from .replay import replay
@@ -38,11 +40,11 @@ from .scatter import ScatteredRef, new_key
 
 log = logging.getLogger("jobsched.client")
 
-_open_clients: list["weakref.ref[Client]"] = []
+_open_clients: list[weakref.ref[Client]] = []
 _open_lock = threading.Lock()
 
 
-def current_client() -> "Client | None":
+def current_client() -> Client | None:
     """The most recently created Client that is still open, if any."""
     with _open_lock:
         for ref in reversed(_open_clients):
@@ -62,7 +64,7 @@ class Client:
 
     def __init__(
         self,
-        address: "str | LocalCluster | None" = None,
+        address: str | LocalCluster | None = None,
         *,
         secret: str | bytes | None = None,
         secret_file: str | None = None,
@@ -409,7 +411,7 @@ class Client:
         if self._owns_cluster and self.cluster is not None:
             self.cluster.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ..protocol.serialize import RemoteError
+from ..payload.serialize import RemoteError
+from ..protocol.errors import JobschedError
 
 
-class ClusterError(RuntimeError):
+class ClusterError(JobschedError, RuntimeError):
     """The cluster could not run a batch; the message says why."""
 
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from ..protocol.shm import sweep_stale_segments
+from ..payload.shm import sweep_stale_segments
 
 
 def available_cores() -> int:
@@ -120,7 +120,7 @@ class LocalCluster:
         # a worker killed with its resource tracker (the SIGKILL above) leaves its shared segments
         sweep_stale_segments()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc) -> None:

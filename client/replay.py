@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 _registries: dict[str, dict] = {}
 

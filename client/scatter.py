@@ -1,7 +1,7 @@
 """Scattered data on the client side: references, and the pickler that puts them in batches.
 
 A scattered object is pickled into a batch as a call to
-``resolve_scattered(key)``, which on the worker returns its local copy.  The
+``jobsched.worker.store.resolve_scattered(key)``, which on the worker returns its local copy.  The
 ``BatchPickler`` does that for ``ScatteredRef`` arguments, for objects given to
 ``scatter=`` (matched by identity), and automatically for large arrays (numpy,
 pandas, scipy.sparse) of at least ``auto_threshold`` bytes; it records the keys
@@ -13,11 +13,15 @@ from __future__ import annotations
 import io
 import types
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 
-from ..protocol.serialize import out_of_band_collector, resolve_scattered
+from ..payload.serialize import call_by_name, out_of_band_collector
+
+# The workers' resolver, named rather than imported: the client imports no worker code.
+RESOLVER = ("jobsched.worker.store", "resolve_scattered")
 
 DEFAULT_AUTO_THRESHOLD = 512 * 2**10  # 512 KiB: below that, pickling into each batch is cheaper
 
@@ -32,7 +36,7 @@ class ScatteredRef:
         self.nbytes = nbytes
 
     def __reduce__(self):
-        return (resolve_scattered, (self.key,))
+        return (call_by_name, (*RESOLVER, self.key))
 
     def __repr__(self) -> str:
         return f"<ScatteredRef {self.key} {self.nbytes} bytes>"
@@ -116,13 +120,13 @@ class BatchPickler(cloudpickle.CloudPickler):
         entry = self.refs.get(id(obj)) if self.refs else None
         if entry is not None and entry[1] is obj:
             self._need(entry[0])
-            return (resolve_scattered, (entry[0],))
+            return (call_by_name, (*RESOLVER, entry[0]))
         if self.auto_threshold and _is_array_like(cls):
             nbytes = large_nbytes(obj, self.auto_threshold)
             if nbytes:
                 key = self.register(obj, nbytes)
                 self._need(key)
-                return (resolve_scattered, (key,))
+                return (call_by_name, (*RESOLVER, key))
         if cls is types.FunctionType or isinstance(obj, type):
             if self.by_reference.get(id(obj)) is obj:
                 return NotImplemented  # pickle's save_global, as cloudpickle decided before

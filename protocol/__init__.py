@@ -5,8 +5,10 @@ from .errors import (
     AuthenticationError,
     FrameTooLarge,
     HandshakeError,
+    JobschedError,
     MalformedMessage,
     ProtocolError,
+    TLSError,
     VersionMismatch,
 )
 from .framing import PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, encode_frame
@@ -15,8 +17,8 @@ from .messages import PROTOCOL_VERSION, Message, decode, encode
 
 __all__ = [
     "DEFAULT_PORT", "Address", "is_loopback_host", "parse_address",
-    "AuthenticationError", "FrameTooLarge", "HandshakeError", "MalformedMessage",
-    "ProtocolError", "VersionMismatch",
+    "AuthenticationError", "FrameTooLarge", "HandshakeError", "JobschedError", "MalformedMessage",
+    "ProtocolError", "TLSError", "VersionMismatch",
     "PREAUTH_LIMITS", "Frame", "FrameDecoder", "FrameLimits", "encode_frame",
     "AcceptorHandshake", "InitiatorHandshake", "Role",
     "PROTOCOL_VERSION", "Message", "decode", "encode",

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 
 DEFAULT_PORT = 8686
@@ -77,21 +74,3 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def write_scheduler_file(path: str, address: str, dashboard: str = "") -> None:
-    """Write ``{"address": ..., "dashboard": ...}`` atomically: readers never see a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".jobsched-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"address": address, "dashboard": dashboard, "pid": os.getpid()}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def read_scheduler_file(path: str) -> str:
-    with open(path) as f:
-        return json.load(f)["address"]

@@ -1,9 +1,19 @@
-"""The protocol's error hierarchy: every failure the wire can produce is one of these."""
+"""jobsched's error root, and the protocol's errors beneath it.
+
+Every error jobsched itself raises derives from ``JobschedError`` (it lives here,
+in the bottom layer, so every package can derive from it); those a user may
+already catch by a builtin keep that base too (``ValueError`` for bad
+configuration, ``RuntimeError`` and ``ConnectionError`` for the cluster's).
+"""
 
 from __future__ import annotations
 
 
-class ProtocolError(Exception):
+class JobschedError(Exception):
+    """The root of every error jobsched raises (tasks' own exceptions travel as they are)."""
+
+
+class ProtocolError(JobschedError):
     """The peer sent something we cannot accept; the connection must be closed."""
 
 

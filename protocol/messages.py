@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import operator
 import typing
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -161,7 +162,7 @@ class RegisterWorker(Message):
     host: str = ""
     memory_limit: int = 0
     data_address: str = ""  # where peers fetch the data this worker holds
-    share_domain: str = ""  # processes of one domain map each other's shared segments (protocol.shm)
+    share_domain: str = ""  # processes of one domain map each other's shared segments (payload.shm)
 
 
 @message("welcome")
@@ -271,7 +272,7 @@ class TaskDone(Message):
 # its copy (UploadRequest / DataUpload) and relays it to one worker (StoreData);
 # every other worker then fetches it from that one.
 #
-# Within one share domain (protocol.shm: a machine, a /dev/shm, a user) the bytes
+# Within one share domain (payload.shm: a machine, a /dev/shm, a user) the bytes
 # go into a shared memory segment once, and workers of that domain are sent its
 # name (StoreData with ``segment``) and map it read-only instead of copying.  The
 # segment's creator, the client or the first worker there to receive the bytes,

@@ -9,12 +9,13 @@ import logging
 import os
 import sys
 
-from ..protocol.address import DEFAULT_PORT, is_loopback_host, parse_address, write_scheduler_file
-from ..protocol.aio import configure_logging, run_daemon
-from ..protocol.config import parse_daemon_args
-from ..protocol.options import add_common_options, port, positive, tls_config
-from ..protocol.secret import SecretError, load_secret, write_new_secret
+from ..protocol.address import DEFAULT_PORT, is_loopback_host, parse_address
 from ..protocol.tls import server_context
+from ..runtime.config import parse_daemon_args
+from ..runtime.daemon import configure_logging, run_daemon
+from ..runtime.options import add_common_options, port, positive, tls_config
+from ..runtime.scheduler_file import write_scheduler_file
+from ..runtime.secret import SecretError, load_secret, write_new_secret
 from .http import StatusServer
 from .server import SchedulerServer, tune_gc
 from .state import SchedulerConfig

@@ -7,7 +7,7 @@ for its copy, which goes to one worker, and every other waiting worker then
 fetches it from that one.  So each key crosses the scheduler at most once per
 time no worker holds it, and every other copy moves worker to worker.
 
-Within a share domain (one machine and user, see ``protocol.shm``) a copy in a
+Within a share domain (one machine and user, see ``payload.shm``) a copy in a
 shared memory segment serves every worker there: the directory remembers, per
 key and domain, the segment and its creator, and sends waiting workers of that
 domain its name rather than a peer to fetch from.
@@ -15,11 +15,11 @@ domain its name rather than a peer to fetch from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
+from ..payload.shm import valid_reference
 from ..protocol import messages as m
-from ..protocol.shm import valid_reference
 
 ConnId = int
 MAX_KEY_LENGTH = 200

@@ -29,7 +29,7 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 class StatusCollector:
     """Prometheus collector reading a fresh snapshot at every scrape."""
 
-    def __init__(self, status: "StatusServer") -> None:
+    def __init__(self, status: StatusServer) -> None:
         self.status = status
 
     def collect(self):

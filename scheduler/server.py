@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 import logging
+import socket
 import ssl as ssl_module
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from ..protocol import Role
 from ..protocol import messages as m

@@ -16,16 +16,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import psutil
 import pytest
+from jobsched.client import backend as backend_module
+from jobsched.client import client as client_module
 
 import jobsched
-from jobsched.client import client as client_module
-from jobsched.client import backend as backend_module
 
 TESTS_DIR = Path(__file__).resolve().parent
 BIN_DIR = Path(sys.executable).parent
@@ -337,7 +337,7 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
             data = sock.recv(65536)
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
         if not data:
             return True

@@ -23,7 +23,7 @@ run that silently stayed local is visible.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from joblib import parallel_config

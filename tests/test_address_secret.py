@@ -8,10 +8,9 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from jobsched.protocol import DEFAULT_PORT, Address, is_loopback_host, parse_address
-from jobsched.protocol.address import read_scheduler_file, write_scheduler_file
-from jobsched.protocol.secret import ENV_SECRET, ENV_SECRET_FILE, SecretError, load_secret, read_secret_file
+from jobsched.runtime.scheduler_file import read_scheduler_file, write_scheduler_file
+from jobsched.runtime.secret import ENV_SECRET, ENV_SECRET_FILE, SecretError, load_secret, read_secret_file
 
 # ------------------------------------------------------------------ addresses
 
@@ -280,7 +279,7 @@ def test_secret_error_is_a_value_error():
 
 
 def test_write_new_secret_is_private_random_and_never_overwrites(clean_env, tmp_path):
-    from jobsched.protocol.secret import write_new_secret
+    from jobsched.runtime.secret import write_new_secret
 
     path = tmp_path / "secret"
     write_new_secret(str(path))

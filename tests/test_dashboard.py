@@ -30,19 +30,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
+import tasks
+from conftest import STARTUP_TIMEOUT, DaemonPool, daemon_env, wait_for_workers
 from joblib import Parallel, delayed, parallel_config
 
 import jobsched
-import tasks
-from conftest import STARTUP_TIMEOUT, DaemonPool, daemon_env, wait_for_workers
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
@@ -374,7 +374,7 @@ class FakeScheduler:
         self.url = "http://127.0.0.1:%d/" % self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FakeScheduler":
+    def __enter__(self) -> FakeScheduler:
         self.thread.start()
         return self
 

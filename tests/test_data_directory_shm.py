@@ -9,9 +9,8 @@ followed by ``validate()`` (SchedulerState's, which includes DataDirectory's).
 from __future__ import annotations
 
 import pytest
-
+from jobsched.payload.shm import MAX_FRAMES
 from jobsched.protocol import messages as m
-from jobsched.protocol.shm import MAX_FRAMES
 from jobsched.scheduler.data import DataDirectory, Segment
 from jobsched.scheduler.state import (
     MessageReceived,

@@ -5,7 +5,7 @@ What is checked:
 - every command line they contain (ExecStart=, the sbatch script's daemon invocations,
   compose ``command:``, the Dockerfile's CMD) is one the daemons' real parsers accept, with
   the settings the deployment gives them (environment file, compose ``environment:``)
-  resolved through ``jobsched.protocol.config.resolve`` like the daemons do; and no secret
+  resolved through ``jobsched.runtime.config.resolve`` like the daemons do; and no secret
   is ever passed on a command line or set in an environment file;
 - the units pass ``systemd-analyze verify`` (on copies whose ExecStart= points at this
   venv's real console scripts; skipped where systemd-analyze is missing or cannot run) and
@@ -28,23 +28,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 from unittest import mock
 
 import psutil
 import pytest
 from joblib import Parallel, delayed, parallel_config
-
-import jobsched
-from jobsched.client.backend import ClusterBackend
-from jobsched.protocol import config as config_module
 from jobsched.protocol.address import is_loopback_host, parse_address
-from jobsched.protocol.secret import load_secret
+from jobsched.runtime import config as config_module
+from jobsched.runtime.secret import load_secret
 from jobsched.scheduler import cli as scheduler_cli
 from jobsched.worker import cli as worker_cli
 from jobsched.worker.memory import parse_memory_limit
+
+import jobsched
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -646,10 +645,7 @@ def test_scheduler_file_handshake_with_console_scripts(tmp_path):
             client.wait_for_workers(2, timeout=30)
             workers = list(client.scheduler_info()["workers"].values())
             assert sorted(w["name"] for w in workers) == ["deploy-test-0", "deploy-test-1"], workers
-            # The backend instance, not the name 'cluster': with a non-editable install pytest
-            # also imports the checkout's __init__.py as a second package whose registered
-            # backend does not know this Client (see conftest.py).
-            with parallel_config(backend=ClusterBackend(scheduler=client)):
+            with parallel_config(backend="cluster", scheduler=client):
                 assert Parallel(n_jobs=-1)(delayed(pow)(i, 3) for i in range(10)) == [i**3 for i in range(10)]
                 pids = set(Parallel(n_jobs=-1)(delayed(os.getpid)() for _ in range(8)))
             assert pids and pids <= {w["pid"] for w in workers}, "the batches did not run on the workers"

@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pytest
-from joblib import parallel_config
-
-import jobsched
 from conftest import RunningCluster, assert_same_cv_results
+from joblib import parallel_config
 from jobsched.client import backend as backend_module
 from jobsched.client import current_client
+
+import jobsched
 
 sklearn = pytest.importorskip("sklearn")
 from scipy.stats import loguniform  # noqa: E402  (scikit-learn depends on scipy)
@@ -19,7 +19,6 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.ensemble import RandomForestClassifier  # noqa: E402
 from sklearn.model_selection import RandomizedSearchCV, cross_val_score  # noqa: E402
 from sklearn.svm import SVC  # noqa: E402
-
 
 
 @pytest.fixture(scope="module")

@@ -36,16 +36,13 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
-
-import psutil
-import pytest
-from joblib import Parallel, delayed, parallel_config
 
 import fault_tasks
-import jobsched
+import psutil
+import pytest
 from conftest import (
     Daemon,
     DaemonPool,
@@ -55,6 +52,9 @@ from conftest import (
     wait_for_workers,
     wait_until,
 )
+from joblib import Parallel, delayed, parallel_config
+
+import jobsched
 
 DASHBOARD = ("--dashboard-address", "127.0.0.1:0")
 

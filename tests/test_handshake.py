@@ -5,7 +5,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-
 from jobsched.protocol import (
     AcceptorHandshake,
     AuthenticationError,

@@ -34,19 +34,18 @@ from pathlib import Path
 import msgpack
 import psutil
 import pytest
-from joblib import Parallel, delayed, parallel_config
-
-import jobsched
 import tasks
 from conftest import wait_for_workers
-from jobsched.protocol import FrameDecoder, FrameLimits, FrameTooLarge, InitiatorHandshake, PREAUTH_LIMITS, Role
-from jobsched.protocol import encode_frame
+from joblib import Parallel, delayed, parallel_config
+from jobsched.payload.serialize import dumps, loads
+from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, FrameTooLarge, InitiatorHandshake, Role, encode_frame
 from jobsched.protocol import handshake as hs
 from jobsched.protocol import messages as m
-from jobsched.protocol.aio import HANDSHAKE_TIMEOUT
 from jobsched.protocol.address import parse_address
+from jobsched.protocol.aio import HANDSHAKE_TIMEOUT
 from jobsched.protocol.messages import PROTOCOL_VERSION
-from jobsched.protocol.serialize import dumps, loads
+
+import jobsched
 
 SECRET = "hostile-test-" + os.urandom(16).hex()
 HOST = "127.0.0.1"

@@ -15,15 +15,15 @@ from pathlib import Path
 import msgpack
 import psutil
 import pytest
-from joblib import Parallel, delayed, parallel_config
-
-import jobsched
 import tasks
 from conftest import BIN_DIR, RunningCluster, closed_by_peer, daemon_env, start_cluster, wait_for_workers, wait_until
+from joblib import Parallel, delayed, parallel_config
 from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, InitiatorHandshake, Role, encode_frame
 from jobsched.protocol import messages as m
 from jobsched.protocol.address import parse_address
 from jobsched.protocol.messages import PROTOCOL_VERSION
+
+import jobsched
 
 
 # ---------------------------------------------------------------- helpers

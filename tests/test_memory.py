@@ -2,7 +2,6 @@
 
 import psutil
 import pytest
-
 from jobsched.worker.memory import available_memory, parse_memory_limit
 
 RAM = psutil.virtual_memory().total

@@ -9,7 +9,6 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from jobsched.protocol import Frame, FrameDecoder, MalformedMessage, ProtocolError
 from jobsched.protocol import messages as m
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import RunningCluster, daemon_env
 from joblib import Parallel, delayed, parallel_config
-
-from jobsched.protocol import config
+from jobsched.runtime import config
 from jobsched.worker.cli import build_parser as worker_parser
 from tasks import square
 

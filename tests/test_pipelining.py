@@ -10,10 +10,9 @@ import threading
 import time
 
 import pytest
-from joblib import Parallel, delayed, parallel_config
-
 import tasks
 from conftest import RunningCluster, start_cluster
+from joblib import Parallel, delayed, parallel_config
 
 SLOTS = 2  # the cluster fixture: two workers of one thread
 

@@ -26,18 +26,18 @@ import textwrap
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import psutil
 import pytest
+from conftest import RunningCluster, assert_same_cv_results, daemon_env, start_cluster, wait_for_workers, wait_until
 from joblib import Parallel, delayed, parallel_config
+from jobsched.client.scatter import ScatteredRef
 
 import jobsched
-from conftest import RunningCluster, assert_same_cv_results, daemon_env, start_cluster, wait_for_workers, wait_until
-from jobsched.client.scatter import ScatteredRef
 
 MB = 10**6
 BIG_LEN = 25_000_000  # float64: 200 MB
@@ -112,7 +112,7 @@ def find_mark(directory: Path, timeout: float = 60.0) -> int:
     return int(sorted(directory.glob("started-*"))[0].name.split("-")[1])
 
 
-def run_in_thread(fn: Callable) -> tuple[ThreadPoolExecutor, "object"]:
+def run_in_thread(fn: Callable) -> tuple[ThreadPoolExecutor, object]:
     pool = ThreadPoolExecutor(1)
     return pool, pool.submit(fn)
 

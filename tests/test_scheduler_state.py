@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-
 from jobsched.protocol import messages as m
 from jobsched.scheduler.state import (
     MAX_NAME,

@@ -28,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import trustme
-from joblib import Parallel, delayed, parallel_config
-
-import jobsched
 import tasks
+import trustme
 from conftest import closed_by_peer, daemon_env, wait_for_workers
-from jobsched.protocol import FrameDecoder, FrameLimits, InitiatorHandshake, PREAUTH_LIMITS, Role, encode_frame
+from joblib import Parallel, delayed, parallel_config
+from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, InitiatorHandshake, Role, encode_frame
 from jobsched.protocol import handshake as hs_module
 from jobsched.protocol import messages as m
 from jobsched.protocol.address import parse_address
 from jobsched.protocol.messages import PROTOCOL_VERSION
+
+import jobsched
 
 SECRET = "security-test-" + secrets.token_hex(16)
 

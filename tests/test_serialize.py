@@ -9,9 +9,7 @@ import types
 
 import numpy as np
 import pytest
-
-from jobsched.protocol import FrameDecoder, encode_frame
-from jobsched.protocol.serialize import (
+from jobsched.payload.serialize import (
     OUT_OF_BAND_MIN,
     RemoteError,
     RemoteTraceback,
@@ -20,6 +18,7 @@ from jobsched.protocol.serialize import (
     load_exception,
     loads,
 )
+from jobsched.protocol import FrameDecoder, encode_frame
 
 
 def over_the_wire(frames: list) -> tuple:
@@ -287,7 +286,7 @@ def test_exception_without_traceback():
 
 
 def test_loads_readonly_builds_read_only_views_without_copy():
-    from jobsched.protocol.serialize import loads_readonly
+    from jobsched.payload.serialize import loads_readonly
 
     arr = np.arange(OUT_OF_BAND_MIN, dtype="float64")
     buffers = over_the_wire(dumps({"X": arr}))
@@ -300,7 +299,7 @@ def test_loads_readonly_builds_read_only_views_without_copy():
 
 
 def test_resolve_scattered(monkeypatch):
-    from jobsched.protocol import serialize
+    from jobsched.worker import store as serialize
 
     array = np.arange(1000.0)
     monkeypatch.setitem(serialize.DATA_STORE, "X-1", tuple(dumps([1, array], out_of_band_min=0)))
@@ -314,8 +313,8 @@ def test_resolve_scattered(monkeypatch):
 
 
 def test_a_batch_resolves_each_scattered_key_once(monkeypatch):
-    from jobsched.protocol import serialize
     from jobsched.client.scatter import ScatteredRef
+    from jobsched.worker import store as serialize
 
     monkeypatch.setitem(serialize.DATA_STORE, "X-2", tuple(dumps({"a": 1}, out_of_band_min=0)))
     ref = ScatteredRef("X-2", 0)
@@ -355,7 +354,6 @@ def test_a_payload_with_1024_large_arrays_fits_the_default_frame_caps():
 
 def test_a_call_remembers_what_pickles_by_reference_until_the_registry_changes(monkeypatch):
     import cloudpickle
-
     from jobsched.client.scatter import ByReference, dumps_batch
 
     module = types.ModuleType("jobsched_test_by_reference")

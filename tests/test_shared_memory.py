@@ -20,13 +20,13 @@ import time
 import numpy as np
 import psutil
 import pytest
+from conftest import daemon_env, wait_for_workers, wait_until
 from joblib import Parallel, delayed, parallel_config
+from jobsched.client import client as client_module
+from jobsched.payload import shm
+from test_scatter import MB, dashboard_of, expected_sums, lo_bytes, shm_segments, slice_sum
 
 import jobsched
-from conftest import daemon_env, wait_for_workers, wait_until
-from jobsched.client import client as client_module
-from jobsched.protocol import shm
-from test_scatter import MB, dashboard_of, expected_sums, lo_bytes, shm_segments, slice_sum
 
 pytestmark = pytest.mark.skipif(not shm.share_domain(), reason="no usable /dev/shm here")
 

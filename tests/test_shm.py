@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from jobsched.protocol import shm
-from jobsched.protocol.serialize import dumps, loads_readonly
-from jobsched.protocol.shm import (
+from jobsched.payload import shm
+from jobsched.payload.serialize import dumps, loads_readonly
+from jobsched.payload.shm import (
     ALIGNMENT,
     MAX_FRAMES,
     SHARE_MIN,
@@ -398,7 +397,7 @@ def test_share_domain_is_the_same_in_another_process_of_this_user(monkeypatch):
     monkeypatch.delenv("JOBSCHED_SHARED_MEMORY", raising=False)
     env = {k: v for k, v in os.environ.items() if k != "JOBSCHED_SHARED_MEMORY"}
     out = subprocess.run(
-        [sys.executable, "-c", "from jobsched.protocol.shm import share_domain; print(share_domain())"],
+        [sys.executable, "-c", "from jobsched.payload.shm import share_domain; print(share_domain())"],
         capture_output=True, text=True, timeout=30, env=env, check=True,
     )
     assert out.stdout.strip() == share_domain() != ""
@@ -410,7 +409,7 @@ def test_share_domain_is_the_same_in_another_process_of_this_user(monkeypatch):
 CREATOR = textwrap.dedent(
     """
     import time
-    from jobsched.protocol.shm import SharedSegment
+    from jobsched.payload.shm import SharedSegment
     segment = SharedSegment([b"x" * 4096, b"y" * 10])
     print(segment.name, flush=True)
     time.sleep(120)

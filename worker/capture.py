@@ -19,8 +19,8 @@ import logging
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 DEFAULT_OUTPUT_CAP = 1 << 20  # bytes of stdout+stderr kept per batch
 
@@ -78,7 +78,7 @@ class _StreamProxy:
         self._append(capture, text)
         return len(text)
 
-    def _append(self, capture: "_Capture", kept: str) -> None:
+    def _append(self, capture: _Capture, kept: str) -> None:
         if not kept:
             return
         events = capture.events

@@ -12,11 +12,11 @@ import os
 import sys
 
 from ..protocol.address import parse_address
-from ..protocol.aio import configure_logging, run_daemon
-from ..protocol.config import parse_daemon_args
-from ..protocol.options import add_common_options, port, positive, tls_config
-from ..protocol.secret import load_secret
 from ..protocol.tls import client_context, server_context
+from ..runtime.config import parse_daemon_args
+from ..runtime.daemon import configure_logging, run_daemon
+from ..runtime.options import add_common_options, port, positive, tls_config
+from ..runtime.secret import load_secret
 from .daemon import WorkerDaemon, cli_status
 from .memory import parse_memory_limit
 from .supervisor import Supervisor, child_command

@@ -25,16 +25,17 @@ import ssl as ssl_module
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import psutil
 
-from ..protocol import HandshakeError, Role
+from ..payload.serialize import dump_exception
+from ..payload.shm import SharedSegment, attach, share_domain, worth_sharing
+from ..protocol import HandshakeError, JobschedError, Role
 from ..protocol import messages as m
-from ..protocol.address import Address, parse_address, read_scheduler_file
+from ..protocol.address import Address, parse_address
 from ..protocol.aio import Connection, open_connection
-from ..protocol.serialize import dump_exception
-from ..protocol.shm import SharedSegment, attach, share_domain, worth_sharing
+from ..runtime.scheduler_file import read_scheduler_file
 from .data import DataService
 from .executor import BatchThreads
 from .memory import private_memory
@@ -69,7 +70,7 @@ def cli_status(code: int) -> int:
     return {EXIT_SCHEDULER_GONE: 1, EXIT_FATAL: 2}.get(code, code)
 
 
-class FatalWorkerError(Exception):
+class FatalWorkerError(JobschedError):
     """Retrying cannot help (wrong secret, version mismatch, refused registration)."""
 
 

@@ -2,8 +2,8 @@
 
 The store keeps the frames as received: peers are served without pickling, and
 each batch unpickles its own copy on top of the shared, read-only buffers (see
-``protocol.serialize.resolve_scattered``).  Frames may be a mapping of a shared
-memory segment (``protocol.shm``): one this worker created for the other workers
+``store.resolve_scattered``).  Frames may be a mapping of a shared
+memory segment (``payload.shm``): one this worker created for the other workers
 of its machine, which it unlinks when the key is deleted, or someone else's.
 """
 
@@ -13,12 +13,13 @@ import asyncio
 import logging
 import ssl as ssl_module
 
+from ..payload.serialize import loads_readonly
+from ..payload.shm import SharedSegment, attach, share_domain, sweep_stale_segments
 from ..protocol import ProtocolError, Role
 from ..protocol import messages as m
 from ..protocol.address import parse_address
 from ..protocol.aio import Connection, open_connection, start_server
-from ..protocol.serialize import DATA_STORE, UNPICKLING, loads_readonly
-from ..protocol.shm import SharedSegment, attach, share_domain, sweep_stale_segments
+from .store import DATA_STORE, UNPICKLING
 
 log = logging.getLogger("jobsched.worker")
 

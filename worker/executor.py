@@ -17,13 +17,14 @@ import pickle
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from ..payload.serialize import dump_exception, dumps
 from ..protocol import messages as m
-from ..protocol.serialize import UNPICKLING, dump_exception, dumps, loads_batch
 from .capture import CaptureOptions, capturing
-
+from .store import UNPICKLING, loads_batch
 
 
 def run_batch(frames: tuple) -> tuple[str, list, float]:

@@ -84,7 +84,7 @@ def private_memory(process: psutil.Process) -> int:
     """Resident memory that is this process's own: RSS less shared pages.
 
     Shared pages are mapped files and shared memory segments, above all scattered
-    data mapped by every worker of a machine (``protocol.shm``): counting them
+    data mapped by every worker of a machine (``payload.shm``): counting them
     in each process would charge one array to all of them, and a limit per
     process would then restart workers for memory the machine holds once.
     """

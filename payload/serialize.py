@@ -14,14 +14,16 @@ name, message and remote traceback.
 
 from __future__ import annotations
 
+import importlib
 import pickle
-import threading
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import cloudpickle
 
-from .framing import Buffer
+from ..protocol.errors import JobschedError
+from ..protocol.framing import Buffer
 
 OUT_OF_BAND_MIN = 64 * 1024
 OUT_OF_BAND_MAX = 512  # well under FrameLimits.max_buffers, leaving room for a message's own frames
@@ -54,43 +56,10 @@ def loads(frames: Sequence[Buffer]) -> Any:
     return pickle.loads(frames[0], buffers=frames[1:])
 
 
-# ---------------------------------------------------------------- scattered data
-# On a worker, the pickled frames of the scattered objects it holds, by key.  A
-# client pickles a scattered object as a call to ``resolve_scattered(key)``, so
-# the worker's copy takes its place when a batch is unpickled.  Scattered
-# objects are pickled with every buffer out of band (``dumps(obj, out_of_band_min=0)``):
-# each batch unpickles its own copy, whose arrays are read-only views of the one
-# received buffer.  Tasks share the memory, never each other's mutations.
-DATA_STORE: dict[str, tuple] = {}
-# Unpickling imports the modules a payload names, and two threads importing at once can
-# make importlib's deadlock detection fail one of them (seen: ``_DeadlockError`` on
-# ``numpy._core.numeric`` when a task thread unpickled its first batch while the worker's
-# event loop checked newly arrived scattered data).  A worker unpickles under this lock.
-UNPICKLING = threading.Lock()
-_batch = threading.local()  # objects already resolved while unpickling the current batch
-
-
-def resolve_scattered(key: str) -> Any:
-    cache = getattr(_batch, "objects", None)
-    if cache is not None and key in cache:
-        return cache[key]  # the same object everywhere in one batch, as pickling by value gives
-    try:
-        frames = DATA_STORE[key]
-    except KeyError:
-        raise LookupError(f"scattered data {key!r} is not held by this worker") from None
-    obj = loads_readonly(frames)
-    if cache is not None:
-        cache[key] = obj
-    return obj
-
-
-def loads_batch(frames: Sequence[Buffer]) -> Any:
-    """``loads`` for a batch, resolving each scattered key it refers to once."""
-    _batch.objects = {}
-    try:
-        return loads(frames)
-    finally:
-        _batch.objects = None
+def call_by_name(module: str, name: str, *args: Any) -> Any:
+    """Call ``module.name(*args)``: lets a pickle name a function of a package its
+    writer does not import (the client names the workers' resolver of scattered data)."""
+    return getattr(importlib.import_module(module), name)(*args)
 
 
 def loads_readonly(frames: Sequence[Buffer]) -> Any:
@@ -98,7 +67,7 @@ def loads_readonly(frames: Sequence[Buffer]) -> Any:
     return pickle.loads(frames[0], buffers=[memoryview(b).toreadonly() for b in frames[1:]])
 
 
-class RemoteError(Exception):
+class RemoteError(JobschedError):
     """A task raised an exception whose class could not be rebuilt here."""
 
     def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:

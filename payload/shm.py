@@ -29,11 +29,11 @@ import re
 import socket
 import stat
 import uuid
+from collections.abc import Sequence
 from multiprocessing import resource_tracker
-from typing import Sequence
 
-from .framing import Buffer
-from .messages import frames_nbytes
+from ..protocol.framing import Buffer
+from ..protocol.messages import frames_nbytes
 
 SHM_DIR = "/dev/shm"
 NAME_PATTERN = re.compile(r"jobsched-([0-9]{1,10})-[0-9a-f]{32}")  # creator's pid, random part

@@ -5,9 +5,10 @@ Environment variables and config files are applied by ``config.resolve``."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .tls import TLSConfig
+from ..protocol.tls import TLSConfig
 
 
 def port(text: str) -> int:

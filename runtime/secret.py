@@ -6,11 +6,13 @@ import os
 import secrets
 import stat
 
+from ..protocol.errors import JobschedError
+
 ENV_SECRET = "JOBSCHED_SECRET"
 ENV_SECRET_FILE = "JOBSCHED_SECRET_FILE"
 
 
-class SecretError(ValueError):
+class SecretError(JobschedError, ValueError):
     """The configured secret cannot be used; the message says why and how to fix it."""
 
 

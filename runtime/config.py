@@ -22,6 +22,8 @@ import os
 import sys
 from typing import Any
 
+from ..protocol.errors import JobschedError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -33,7 +35,7 @@ _NOT_OPTIONS = {"help", "config", "print_config"}
 SHARED_OPTIONS = {"secret_file", "tls_cert", "tls_key", "tls_ca_file", "log_level", "scheduler_file"}
 
 
-class ConfigError(ValueError):
+class ConfigError(JobschedError, ValueError):
     """A configuration value is unusable; the message names the option and its source."""
 
 
