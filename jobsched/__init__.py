@@ -5,10 +5,11 @@ public API.  Daemon processes started by jobsched itself (``JOBSCHED_DAEMON=1``)
 skip that: importing joblib (and numpy with it) would only slow their start;
 the names below are then imported on first use.
 
-This file is the only one in the ``jobsched/`` folder: the subpackages are the
-repository's top-level folders (``protocol/``, ``scheduler/``...), which an
-installed copy maps beneath this package (``[tool.setuptools.package-dir]``).
-Run from a checkout, without installing, the same mapping is made here.
+This is the only file in the ``jobsched/`` folder: the subpackages are the
+repository's top-level folders (``protocol/``, ``scheduler/``...).  An installed
+copy maps them beneath this package (``[tool.setuptools.package-dir]``); in a
+checkout, ``jobsched/protocol`` and its siblings are symbolic links to them, so
+``python -m pytest`` and mypy find the same ``jobsched.*`` names without installing.
 """
 
 from __future__ import annotations
@@ -18,12 +19,6 @@ import os as _os
 from typing import Any as _Any
 
 __version__ = "0.1.0"
-
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "protocol")) and _os.path.isfile(
-    _os.path.join(_checkout, "protocol", "framing.py")
-):
-    __path__.append(_checkout)
 
 _PUBLIC = {
     "Client": ".client",
