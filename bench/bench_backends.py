@@ -490,7 +490,7 @@ def bench_round(name: str, result: BackendResult, workloads: list[Workload], siz
                 result.noise.setdefault(w.key, []).append(noise)
                 if output is not None:
                     result.outputs[w.key] = output
-    except Exception as exc:  # report it and go on with the other backends
+    except Exception as exc:  # noqa: BLE001 - report it and go on with the other backends
         result.error = f"{type(exc).__name__}: {exc}"
         log(f"{tag} FAILED: {result.error}")
     finally:
@@ -685,7 +685,8 @@ def report_noise(results: dict) -> None:
         return
     worst = max(runs)
     noisy = [x for x in runs if x[0] > NOISY]
-    print(f"CPU used by other processes during timed runs of >= {MIN_NOISE_WALL} s: median {statistics.median(x[0] for x in runs):.1%}, "
+    median = statistics.median(x[0] for x in runs)
+    print(f"CPU used by other processes during timed runs of >= {MIN_NOISE_WALL} s: median {median:.1%}, "
           f"max {worst[0]:.1%} ({worst[1]} {worst[2]} round {worst[3]})"
           + (f"; {len(noisy)} of {len(runs)} runs above {NOISY:.0%}: results are noisy" if noisy else ""))
 
@@ -722,9 +723,10 @@ def _alive(p) -> bool:
 
 
 def _is_resource_tracker(p) -> bool:
+    import psutil
     try:
         return "resource_tracker" in " ".join(p.cmdline())
-    except Exception:
+    except psutil.Error:
         return False
 
 
@@ -733,7 +735,7 @@ def versions() -> str:
     for mod in ("sklearn", "numpy", "distributed", "ray", "jobsched", "uvloop"):
         try:
             parts.append(f"{mod} {__import__(mod).__version__}")
-        except Exception:
+        except Exception:  # noqa: BLE001 - a backend that fails to import is reported as absent
             parts.append(f"{mod} -")
     return ", ".join(parts) + git_revision()
 
@@ -743,12 +745,13 @@ def git_revision() -> str:
     import subprocess
     try:
         import jobsched
-        where = os.path.dirname(os.path.abspath(jobsched.__file__))
+        # the checkout's root: jobsched/ holds only the package's face, the code is beside it
+        where = os.path.dirname(os.path.dirname(os.path.abspath(jobsched.__file__)))
         rev = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--", ".",
                                 ":!bench", ":!tests"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:
+    except (OSError, subprocess.SubprocessError):
         return ""
     return f" (jobsched at git {rev}{' + local changes' if dirty else ''})" if rev else ""
 
