@@ -128,22 +128,20 @@ def _classification_data(n_samples: int):
 
 # Every run function takes the sizes and the Backend (b.n_jobs, b.config()) and returns
 # (seconds, output to compare across backends or None); it checks its own results.
-def run_tiny_auto(s: Sizes, b: Backend):
-    n = s.tiny_auto
+def _run_tiny(n: int, b: Backend, batch_size: int | str, name: str):
     t0 = time.perf_counter()
-    out = Parallel(n_jobs=b.n_jobs)(delayed(_tasks.tiny)(i) for i in range(n))
+    out = Parallel(n_jobs=b.n_jobs, batch_size=batch_size)(delayed(_tasks.tiny)(i) for i in range(n))
     dt = time.perf_counter() - t0
-    assert out == [i * i for i in range(n)], "tiny_auto: wrong results"
+    assert out == [i * i for i in range(n)], f"{name}: wrong results"
     return dt, None
+
+
+def run_tiny_auto(s: Sizes, b: Backend):
+    return _run_tiny(s.tiny_auto, b, "auto", "tiny_auto")
 
 
 def run_tiny_bs1(s: Sizes, b: Backend):
-    n = s.tiny_bs1
-    t0 = time.perf_counter()
-    out = Parallel(n_jobs=b.n_jobs, batch_size=1)(delayed(_tasks.tiny)(i) for i in range(n))
-    dt = time.perf_counter() - t0
-    assert out == [i * i for i in range(n)], "tiny_bs1: wrong results"
-    return dt, None
+    return _run_tiny(s.tiny_bs1, b, 1, "tiny_bs1")
 
 
 def run_sleep(s: Sizes, b: Backend):
