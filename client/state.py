@@ -1,0 +1,254 @@
+"""The client's pure state machine: which batches await a result, which data it owns,
+whether the scheduler is there, and what to replay when it comes back.
+
+Events in, commands out; no sockets, no clock reads (time arrives in the events),
+so ``tests/unit/test_client_state.py`` drives it without a scheduler.  The
+``Client`` feeds it from its I/O thread and carries out the commands.
+
+A batch stays here, with the frames it was submitted with, until its result
+arrives or its call is cancelled.  When the connection drops the calls wait:
+the client reconnects with backoff and, once welcomed again, registers its data
+and resubmits every batch still here, in the order they were first submitted.
+The scheduler knows a batch by this client's session and the batch id, so a
+result a worker produced while the scheduler was away is delivered, not rerun;
+a result for a batch no longer here (cancelled, or already delivered) is
+dropped, so none is ever delivered twice.  Waiting is bounded: after
+``reconnect_timeout`` seconds without a scheduler, every waiting batch fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..protocol import messages as m
+
+FIRST_RETRY = 0.1  # seconds before the second attempt to reconnect; doubles up to MAX_RETRY
+MAX_RETRY = 2.0  # a restarted scheduler is found within this of its coming back
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    reconnect_timeout: float = 60.0  # how long calls wait for a lost scheduler (the workers' --death-timeout)
+    heartbeat_timeout: float = 10.0  # silence after which the scheduler is taken for gone (frozen, or cut off)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    batch_id: int
+    call_id: int
+    func_name: str
+    max_running: int
+    frames: tuple[object, ...]
+    keys: tuple[str, ...] = ()
+
+    def submission(self) -> m.SubmitBatch:
+        return m.SubmitBatch(self.batch_id, self.call_id, self.func_name, self.max_running, self.frames, list(self.keys))
+
+
+# ------------------------------------------------------------------- events
+@dataclass(frozen=True, slots=True)
+class BatchSubmitted:
+    batch: BatchRecord
+
+
+@dataclass(frozen=True, slots=True)
+class CallCancelled:
+    call_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataRegistered:
+    key: str
+    nbytes: int
+    broadcast: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DataReleased:
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The handshake is done and the scheduler welcomed us."""
+
+    now: float
+    heartbeat_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDoneReceived:
+    message: m.BatchDone
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """Any other message: it shows the scheduler is alive."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ticked:
+    now: float
+
+
+Event = (BatchSubmitted | CallCancelled | DataRegistered | DataReleased | Connected | ConnectFailed
+         | ConnectionLost | BatchDoneReceived | MessageReceived | Ticked)
+
+
+# ----------------------------------------------------------------- commands
+@dataclass(frozen=True, slots=True)
+class Send:
+    message: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Complete the batch's future with this result."""
+
+    message: m.BatchDone
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Fail these batches: the scheduler could not be reached (``SchedulerUnreachableError``)."""
+
+    batch_ids: tuple[int, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Open a new connection to the scheduler now (then feed ``Connected`` or ``ConnectFailed``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Close the current connection (then feed ``ConnectionLost``)."""
+
+    reason: str
+
+
+Command = Send | Deliver | Fail | Connect | Disconnect
+
+
+@dataclass
+class ClientState:
+    config: ClientConfig = field(default_factory=ClientConfig)
+    pending: dict[int, BatchRecord] = field(default_factory=dict)  # by batch id, in submission order
+    data: dict[str, DataRegistered] = field(default_factory=dict)  # owned scattered data, by key
+    connected: bool = False
+    connecting: bool = False
+    heartbeat_interval: float = 1.0
+    last_heard: float = 0.0  # when the scheduler last sent anything
+    next_heartbeat: float = 0.0
+    lost_since: float | None = None  # set while disconnected
+    lost_reason: str = ""
+    retry_at: float = 0.0
+    retry_delay: float = FIRST_RETRY
+    gave_up: str = ""  # while disconnected past reconnect_timeout: why new batches fail at once
+
+    def handle(self, event: Event) -> list[Command]:
+        match event:
+            case BatchSubmitted(batch):
+                return self._submitted(batch)
+            case BatchDoneReceived(message, now):
+                self.last_heard = now
+                return [Deliver(message)] if self.pending.pop(message.batch_id, None) is not None else []
+            case MessageReceived(now):
+                self.last_heard = now
+                return []
+            case CallCancelled(call_id):
+                for batch_id in [b.batch_id for b in self.pending.values() if b.call_id == call_id]:
+                    del self.pending[batch_id]
+                return [Send(m.CancelCall(call_id))] if self.connected else []
+            case DataRegistered(key, nbytes, broadcast):
+                self.data[key] = event
+                return [Send(m.DataRegister(key, nbytes, broadcast))] if self.connected else []
+            case DataReleased(keys):
+                released = [key for key in keys if self.data.pop(key, None) is not None]
+                return [Send(m.ReleaseData(released))] if released and self.connected else []
+            case Connected(now, interval):
+                return self._connected(now, interval)
+            case ConnectFailed(reason, now):
+                self.connecting = False
+                self.retry_at = now + self.retry_delay
+                self.retry_delay = min(2 * self.retry_delay, MAX_RETRY)
+                return self._give_up_if_late(now, reason)
+            case ConnectionLost(reason, now):
+                return self._lost(reason, now)
+            case Ticked(now):
+                return self._ticked(now)
+        raise TypeError(f"unknown event {event!r}")
+
+    def _submitted(self, batch: BatchRecord) -> list[Command]:
+        if self.gave_up and not self.connected:
+            return [Fail((batch.batch_id,), self.gave_up)]
+        self.pending[batch.batch_id] = batch
+        return [Send(batch.submission())] if self.connected else []
+
+    def _connected(self, now: float, interval: float) -> list[Command]:
+        self.connected, self.connecting = True, False
+        self.heartbeat_interval = interval
+        self.last_heard, self.next_heartbeat = now, now + interval
+        self.lost_since, self.lost_reason, self.gave_up = None, "", ""
+        self.retry_delay = FIRST_RETRY
+        # a restarted scheduler knows none of it: the data first, so the batches find it
+        out: list[Command] = [Send(m.DataRegister(d.key, d.nbytes, d.broadcast)) for d in self.data.values()]
+        out.extend(Send(batch.submission()) for batch in self.pending.values())
+        return out
+
+    def _lost(self, reason: str, now: float) -> list[Command]:
+        if not self.connected:
+            return []
+        self.connected = False
+        self.lost_since, self.lost_reason = now, reason
+        self.retry_delay = FIRST_RETRY
+        self.connecting = True
+        return [Connect()]  # at once: a dropped link is often back already
+
+    def _ticked(self, now: float) -> list[Command]:
+        if self.connected:
+            if now - self.last_heard > self.config.heartbeat_timeout:
+                return [Disconnect(f"the scheduler sent nothing for {self.config.heartbeat_timeout:g} s")]
+            if now >= self.next_heartbeat:
+                self.next_heartbeat = now + self.heartbeat_interval
+                return [Send(m.Heartbeat())]
+            return []
+        out = self._give_up_if_late(now, self.lost_reason)
+        if not self.connecting and self.lost_since is not None and now >= self.retry_at:
+            self.connecting = True
+            out.append(Connect())
+        return out
+
+    def _give_up_if_late(self, now: float, reason: str) -> list[Command]:
+        if self.lost_since is None or now - self.lost_since < self.config.reconnect_timeout:
+            return []
+        if not self.gave_up:
+            self.gave_up = (f"lost the scheduler ({self.lost_reason}) and could not reconnect for "
+                            f"{now - self.lost_since:.0f} s (reconnect_timeout={self.config.reconnect_timeout:g}): {reason}")
+        if not self.pending:
+            return []
+        failed, self.pending = tuple(self.pending), {}
+        return [Fail(failed, self.gave_up)]
+
+    def validate(self) -> None:
+        assert not (self.connected and self.connecting)
+        assert not (self.connected and self.lost_since is not None)
+        assert not (self.gave_up and (self.connected or self.pending))
+        assert all(batch_id == batch.batch_id for batch_id, batch in self.pending.items())
+        assert all(key == d.key for key, d in self.data.items())
