@@ -28,13 +28,16 @@ from jobsched.client import client as client_module
 import jobsched
 
 TESTS_DIR = Path(__file__).resolve().parent
+# where test modules live: pytest imports each under its file's name with that folder on
+# sys.path, and workers unpickle the task functions some define by that name too
+TEST_DIRS = [TESTS_DIR, *(TESTS_DIR / layer for layer in ("unit", "integration", "e2e"))]
 BIN_DIR = Path(sys.executable).parent
 STARTUP_TIMEOUT = 20.0
 
 def daemon_env(secret: str | None = None) -> dict[str, str]:
     """Environment for a daemon: no inherited JOBSCHED_* settings, ``tasks`` importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSCHED_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, TEST_DIRS), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     # daemons shut down on their own if this test process dies (no leftovers)
     env["JOBSCHED_PARENT_PID"] = str(os.getpid())

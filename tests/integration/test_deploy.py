@@ -52,7 +52,7 @@ else:  # pragma: no cover - Python 3.10
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 SCHEDULER_UNIT = SYSTEMD / "jobsched-scheduler.service"
