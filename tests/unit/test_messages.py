@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jobsched.protocol import Frame, FrameDecoder, MalformedMessage, ProtocolError
 from jobsched.protocol import messages as m
+from support import message_bytes
 
 REGISTRY = m.registry()
 OPS = sorted(REGISTRY)
@@ -57,12 +58,8 @@ def build(cls, frames=(b"payload", b"", bytearray(b"x" * 100))):
     return cls(**kwargs)
 
 
-def wire(msg: m.Message) -> bytes:
-    return b"".join(bytes(p) for p in m.encode(msg))
-
-
 def roundtrip(msg: m.Message) -> m.Message:
-    (frame,) = FrameDecoder().feed(wire(msg))
+    (frame,) = FrameDecoder().feed(message_bytes(msg))
     return m.decode(frame)
 
 
