@@ -42,6 +42,7 @@ from jobsched.runtime.secret import load_secret
 from jobsched.scheduler import cli as scheduler_cli
 from jobsched.worker import cli as worker_cli
 from jobsched.worker.memory import parse_memory_limit
+from support import BIN_DIR
 
 import jobsched
 
@@ -63,7 +64,6 @@ SBATCH = DEPLOY / "slurm" / "jobsched.sbatch"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "docker" / "Dockerfile.dockerignore"
 COMPOSE = DEPLOY / "docker" / "compose.yaml"
-BIN_DIR = Path(sys.executable).parent
 UNIT_VENV_BIN = "/opt/jobsched/venv/bin/"
 CLIS = {"jobsched-scheduler": (scheduler_cli, "scheduler"), "jobsched-worker": (worker_cli, "worker")}
 INSTANCES = ("1", "gpu")  # template instances: an index and a name

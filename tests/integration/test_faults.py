@@ -41,6 +41,7 @@ from pathlib import Path
 import fault_tasks
 import psutil
 import pytest
+import tasks
 from joblib import Parallel, delayed, parallel_config
 from support import (
     Daemon,
@@ -267,7 +268,7 @@ def test_3_task_calling_os_exit_fails_with_worker_lost_error_then_cluster_works(
     with parallel_config(backend="cluster", scheduler=client):
         with pytest.raises(jobsched.WorkerLostError) as info:
             Parallel(n_jobs=2, batch_size=1)(
-                [delayed(fault_tasks.exit_now)(str(marks)), *(delayed(fault_tasks.square)(i) for i in range(3))]
+                [delayed(fault_tasks.exit_now)(str(marks)), *(delayed(tasks.square)(i) for i in range(3))]
             )
     failed = time.monotonic()
     message = str(info.value)
@@ -347,7 +348,7 @@ def test_4_frozen_worker_is_detected_and_its_batch_reruns_elsewhere(pool, tmp_pa
         rejoined = time.monotonic() - thawed
         assert back["pid"] == w0["pid"]  # the same process, thawed, not a restarted one
         with parallel_config(backend="cluster", scheduler=client):
-            assert Parallel(n_jobs=2)(delayed(fault_tasks.square)(i) for i in range(10)) == [i * i for i in range(10)]
+            assert Parallel(n_jobs=2)(delayed(tasks.square)(i) for i in range(10)) == [i * i for i in range(10)]
     finally:
         if frozen is not None:
             frozen.signal(signal.SIGCONT)
