@@ -93,7 +93,8 @@ class Live:
                 return status
             if time.monotonic() > deadline:
                 job_error = "" if self.job is None or self.job.error is None else f"\nthe job failed: {self.job.error!r}"
-                raise AssertionError(f"timed out waiting for {what}: {json.dumps(status)[:2000]}{job_error}\n{self.pool.report()}")
+                raise AssertionError(f"timed out waiting for {what}: {json.dumps(status)[:2000]}{job_error}\n"
+                                     f"{self.pool.report()}")
             time.sleep(0.1)
 
 
@@ -208,7 +209,7 @@ def chromium(tmp: Path, url: str, *mode: str, budget_ms: int = 5000) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"chromium did not finish within {BROWSER_TIMEOUT} s:\n{err.decode(errors='replace')}")
+        raise AssertionError(f"chromium did not finish within {BROWSER_TIMEOUT} s:\n{err.decode(errors='replace')}") from None
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # helpers (zygote, GPU, crashpad) left in its group
@@ -337,7 +338,7 @@ class FakeScheduler:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = "http://127.0.0.1:%d/" % self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> FakeScheduler:

@@ -444,7 +444,7 @@ def sbatch_commands() -> list[tuple[int, list[str]]]:
         if line.startswith("#") or not re.search(r"(^|\s)jobsched-(scheduler|worker)\s", line + " "):
             continue
 
-        def sample(match: re.Match) -> str:
+        def sample(match: re.Match, start: int = start) -> str:
             name = match.group(1) or match.group(2)
             assert name in SBATCH_SAMPLES, f"jobsched.sbatch:{start}: no sample value for ${name}"
             return SBATCH_SAMPLES[name]

@@ -58,20 +58,20 @@ WARN_LINE = 0  # set below: the line of the warnings.warn call in warn()
 
 def warn(category_name: str, message: str) -> str:
     category = {"UserWarning": UserWarning, "LabWarning": LabWarning, "RuntimeWarning": RuntimeWarning}[category_name]
-    warnings.warn(message, category)  # WARN_LINE
+    warnings.warn(message, category, stacklevel=1)  # WARN_LINE
     return message
 
 
 def warn_three_times(i: int) -> int:
     for _ in range(3):
-        warnings.warn("same place, same text", UserWarning)
+        warnings.warn("same place, same text", UserWarning, stacklevel=1)
     return i
 
 
 def warn_unknown_class(message: str) -> None:
     """A category the caller cannot import: made up on the worker."""
     category = type("EphemeralWarning", (UserWarning,), {"__module__": "no_such_module_anywhere"})
-    warnings.warn(message, category)
+    warnings.warn(message, category, stacklevel=1)
 
 
 def fit_unconverged(seed: int) -> int:

@@ -361,7 +361,7 @@ def test_data_is_freed_when_the_context_exits_on_an_error(data_cluster, big):
     with pytest.raises(ZeroDivisionError):
         with parallel_config(backend="cluster", scheduler=client, scatter=[big]):
             wait_held_everywhere(client, 1, big.nbytes)
-            1 / 0
+            raise ZeroDivisionError("an error inside the context")
     wait_data_freed(client)
 
 

@@ -344,7 +344,7 @@ frame_specs = st.lists(
 def test_any_split_of_any_frames_decodes_to_the_same_frames(specs, data):
     stream = b"".join(frame_bytes(body, bufs) for body, bufs in specs)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=30)))
-    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     decoder = FrameDecoder()
     frames: list[Frame] = []
     for chunk in chunks:

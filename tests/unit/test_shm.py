@@ -95,7 +95,7 @@ def test_layout_offsets_are_aligned_and_frames_fit_without_overlap(sizes):
     if sum(rounded):
         assert total % ALIGNMENT == 0
     position = 0
-    for offset, size in zip(offsets, sizes):
+    for offset, size in zip(offsets, sizes, strict=True):
         assert offset % ALIGNMENT == 0
         assert offset == position  # packed: no gap beyond the alignment padding
         assert offset + size <= total
