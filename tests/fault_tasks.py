@@ -1,8 +1,8 @@
 """Task functions (and a client program) for the fault-injection suite, ``test_faults.py``.
 
 Workers unpickle these by reference (``fault_tasks.tagged``), so this module must be
-importable in the worker processes: the daemons started through ``conftest.py`` get
-this directory on their ``PYTHONPATH``.  It imports nothing heavy at module level, so
+importable in the worker processes: ``support.daemon_env`` puts this directory on the
+daemons' ``PYTHONPATH``.  It imports nothing heavy at module level, so
 the memory a worker process holds before a task runs stays small.
 
 ``python -m fault_tasks client ADDRESS DIRECTORY`` is the client process that
@@ -47,10 +47,6 @@ def tagged(i: int, seconds: float = 0.0) -> tuple[int, int, int]:
     if seconds:
         time.sleep(seconds)
     return i, i * i, os.getpid()
-
-
-def square(x: int) -> int:
-    return x * x
 
 
 def mark_then_sleep(directory: str, i: int, seconds: float) -> tuple[int, int]:

@@ -1,8 +1,8 @@
-"""Task functions for the integration tests.
+"""Task functions for the integration and end-to-end tests.
 
 Workers unpickle these by reference (``tasks.square``), so this module must be
-importable in the worker processes: the fixtures in ``conftest.py`` put this
-directory on the workers' ``PYTHONPATH``.
+importable in the worker processes: ``support.daemon_env`` puts this directory on
+the daemons' ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -65,9 +65,16 @@ def nested_sum(n: int) -> tuple[int, int]:
     return os.getpid(), total
 
 
-def _mark(directory: str) -> None:
+def slice_sum(X, i: int, n: int) -> float:
+    """The sum of the i-th of n slices of X."""
+    step = len(X) // n
+    return float(X[i * step:(i + 1) * step].sum())
+
+
+def mark_started(directory: str) -> None:
+    """Leave a ``started-<pid>`` mark in ``directory`` (``support.wait_for_mark`` reads it)."""
     d = Path(directory)
-    tmp = d / f".tmp-{os.getpid()}"
+    tmp = d / f".tmp-{os.getpid()}-{threading.get_ident()}"
     tmp.write_text(str(os.getpid()))
     tmp.rename(d / f"started-{os.getpid()}")  # atomic: readers never see an empty mark
 
@@ -79,7 +86,7 @@ def slow_first_attempt(directory: str, seconds: float) -> int:
     and its second attempt (on another worker) returns at once.
     """
     first = not any(Path(directory).glob("started-*"))
-    _mark(directory)
+    mark_started(directory)
     if first:
         time.sleep(seconds)
     return os.getpid()
@@ -87,14 +94,14 @@ def slow_first_attempt(directory: str, seconds: float) -> int:
 
 def mark_and_sleep(directory: str, seconds: float) -> int:
     """Leave a ``started-<pid>`` mark in ``directory``, then sleep."""
-    _mark(directory)
+    mark_started(directory)
     time.sleep(seconds)
     return os.getpid()
 
 
 def crash_worker(directory: str) -> None:
     """Leaves a ``started-<pid>`` mark, then kills the worker process running it, every time."""
-    _mark(directory)
+    mark_started(directory)
     os._exit(13)
 
 

@@ -2,8 +2,11 @@
 stay in worker memory while used, and are freed when their owner is done with them.
 
 Every test runs a scheduler and worker daemons as subprocesses on 127.0.0.1 (see
-conftest.py).  The task functions below are module-level, so the workers import
-this module by name (the fixtures put tests/ on their PYTHONPATH).
+tests/conftest.py; ``data_cluster`` runs each test twice, once with data moving over TCP
+only and once through shared memory).  The task functions below are module-level, so the
+workers import this module by name (``support.daemon_env`` puts this folder on their
+PYTHONPATH).  The scikit-learn searches with scattered data are in
+e2e/test_sklearn_scatter.py.
 
 Byte accounting: the scheduler counts the bytes of its connections
 (``bytes_received``/``bytes_sent`` in the dashboard's ``/api/status``), which
@@ -15,48 +18,46 @@ processes on this machine also use loopback, so that bound is the issue's
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-import urllib.request
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from conftest import RunningCluster, assert_same_cv_results, daemon_env, start_cluster, wait_for_workers, wait_until
 from joblib import Parallel, delayed, parallel_config
 from jobsched.client.scatter import ScatteredRef
+from support import (
+    MB,
+    by_name,
+    daemon_env,
+    data_held,
+    expected_sums,
+    lo_bytes,
+    run_in_thread,
+    shm_segments,
+    wait_data_freed,
+    wait_for_mark,
+    wait_for_workers,
+    wait_held_everywhere,
+    wait_until,
+)
+from tasks import mark_started, slice_sum
 
 import jobsched
 
-MB = 10**6
-BIG_LEN = 25_000_000  # float64: 200 MB
+BIG_LEN = 25_000_000  # the length of the ``big`` fixture (integration/conftest.py): 200 MB of float64
 N_TASKS = 64
 
 
 # ------------------------------------------------------------------ task functions
-def slice_sum(X, i: int, n: int) -> float:
-    """The sum of the i-th of n slices of X."""
-    step = len(X) // n
-    return float(X[i * step:(i + 1) * step].sum())
-
-
 def slow_slice_sum(X, i: int, n: int, directory: str, delay: float) -> tuple[int, float]:
     """Leave a ``started-<pid>`` mark, sleep, then return (pid, slice sum)."""
-    d = Path(directory)
-    tmp = d / f".tmp-{os.getpid()}-{threading.get_ident()}"
-    tmp.write_text(str(os.getpid()))
-    tmp.rename(d / f"started-{os.getpid()}")  # atomic: readers never see an empty mark
+    mark_started(directory)
     time.sleep(delay)
     return os.getpid(), slice_sum(X, i, n)
 
@@ -75,112 +76,6 @@ def warm_up(i: int) -> int:
     return int(np.arange(10).sum()) + i
 
 
-# ------------------------------------------------------------------ helpers
-def expected_sums(X, n: int) -> list[float]:
-    return [slice_sum(X, i, n) for i in range(n)]
-
-
-def workers_info(client: jobsched.Client) -> dict[str, dict]:
-    """Scheduler's view of the workers, by name."""
-    return {w["name"]: w for w in client.scheduler_info()["workers"].values()}
-
-
-def data_held(client: jobsched.Client) -> dict[str, tuple[int, int]]:
-    """(data_keys, data_bytes) per worker name."""
-    return {name: (w["data_keys"], w["data_bytes"]) for name, w in workers_info(client).items()}
-
-
-def wait_data_freed(client: jobsched.Client, timeout: float = 30.0) -> None:
-    def freed() -> bool:
-        info = client.scheduler_info()
-        return info["data_keys"] == 0 and all(w["data_keys"] == 0 and w["data_bytes"] == 0
-                                              for w in info["workers"].values())
-
-    wait_until(freed, timeout, lambda: f"data not freed: {client.scheduler_info()['data_keys']} keys known, "
-                                       f"held per worker: {data_held(client)}")
-
-
-def wait_held_everywhere(client: jobsched.Client, keys: int, nbytes: int, timeout: float = 60.0) -> None:
-    def held() -> bool:
-        return all(k >= keys and b >= nbytes for k, b in data_held(client).values())
-
-    wait_until(held, timeout, lambda: f"data not on every worker: {data_held(client)}")
-
-
-def find_mark(directory: Path, timeout: float = 60.0) -> int:
-    wait_until(lambda: any(directory.glob("started-*")), timeout, "no task started")
-    return int(sorted(directory.glob("started-*"))[0].name.split("-")[1])
-
-
-def run_in_thread(fn: Callable) -> tuple[ThreadPoolExecutor, object]:
-    pool = ThreadPoolExecutor(1)
-    return pool, pool.submit(fn)
-
-
-class Status:
-    """The scheduler's /api/status (dashboard) endpoint."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def get(self) -> dict:
-        with urllib.request.urlopen(self.url + "/api/status", timeout=10) as response:
-            return json.load(response)
-
-    def bytes_moved(self) -> int:
-        status = self.get()
-        return int(status["bytes_received"]) + int(status["bytes_sent"])
-
-
-def dashboard_of(address: str, tmp_path: Path) -> Status:
-    for path in tmp_path.glob("scheduler-*.json"):
-        content = json.loads(path.read_text())
-        if content.get("address") == address and content.get("dashboard"):
-            return Status(content["dashboard"])
-    raise AssertionError("the scheduler file names no dashboard")
-
-
-def shm_segments() -> dict[str, int]:
-    """jobsched's shared memory segments on this machine: name -> size."""
-    found = {}
-    for path in Path("/dev/shm").glob("jobsched-*"):
-        with contextlib.suppress(OSError):
-            found[path.name] = path.stat().st_size
-    return found
-
-
-def lo_bytes() -> int:
-    counters = psutil.net_io_counters(pernic=True)
-    if "lo" not in counters:
-        pytest.skip("no loopback interface counters on this machine")
-    return counters["lo"].bytes_sent  # on lo every packet is sent once and received once
-
-
-# ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def big() -> np.ndarray:
-    # arange: every slice sum is an integer below 2**53, so sums are exact in any order
-    return np.arange(BIG_LEN, dtype=np.float64)
-
-
-@pytest.fixture(params=["network", "shared-memory"])
-def data_path(request) -> str:
-    """How data moves between processes of one machine: over TCP only (workers started
-    with shared memory disabled, as if on other machines), or through shared memory."""
-    return request.param
-
-
-@pytest.fixture
-def data_cluster(daemons, tmp_path, data_path) -> tuple[RunningCluster, Status]:
-    """Two 1-slot workers, a Client, and the scheduler's status endpoint."""
-    worker_env = {"JOBSCHED_SHARED_MEMORY": "0"} if data_path == "network" else None
-    running = start_cluster(daemons, scheduler_args=("--dashboard-address", "127.0.0.1:0"), worker_env=worker_env)
-    try:
-        yield running, dashboard_of(running.address, tmp_path)
-    finally:
-        running.client.close()
-
-
 # ------------------------------------------------------------------ the big array
 @pytest.mark.timeout(300)
 def test_200mb_array_to_64_tasks_on_2_workers_crosses_the_wire_once_per_worker(data_cluster, data_path, big):
@@ -196,7 +91,7 @@ def test_200mb_array_to_64_tasks_on_2_workers_crosses_the_wire_once_per_worker(d
 
     print(f"loopback {lo_moved / MB:.0f} MB, through the scheduler {sched_moved / MB:.0f} MB, held {held}")
     assert results == expected
-    info = workers_info(cluster.client)
+    info = by_name(cluster.client.scheduler_info())
     assert all(w["completed"] > 0 for w in info.values()), "both workers should have run tasks"
     # both held the one auto-scattered key (and only it) while the context was open
     assert held == {name: (1, held[name][1]) for name in held}, held
@@ -295,7 +190,7 @@ def test_client_scatter_broadcast_copies_to_every_worker_now(data_cluster, big):
         results = Parallel(n_jobs=-1, batch_size=1)(delayed(slice_sum)(ref, i, 16) for i in range(16))
     moved = status.bytes_moved() - before
     assert results == expected_sums(big, 16)
-    assert all(w["completed"] > 0 for w in workers_info(client).values())
+    assert all(w["completed"] > 0 for w in by_name(client.scheduler_info()).values())
     assert moved < 10 * MB, f"{moved / MB:.0f} MB through the scheduler although every worker held the data"
     del ref
     gc.collect()
@@ -369,7 +264,7 @@ def test_ten_rounds_of_scatter_use_exit_leave_worker_memory_where_it_was(data_cl
     client = cluster.client
     with parallel_config(backend="cluster", scheduler=client):
         Parallel(n_jobs=-1, batch_size=1)(delayed(warm_up)(i) for i in range(8))
-    pids = {name: w["pid"] for name, w in workers_info(client).items()}
+    pids = {name: w["pid"] for name, w in by_name(client.scheduler_info()).items()}
     procs = {name: psutil.Process(pid) for name, pid in pids.items()}
     start = {name: p.memory_info().rss for name, p in procs.items()}
     expected = expected_sums(big, 8)
@@ -380,7 +275,7 @@ def test_ten_rounds_of_scatter_use_exit_leave_worker_memory_where_it_was(data_cl
             for name, p in procs.items():
                 peaks[name] = max(peaks[name], p.memory_info().rss)
         wait_data_freed(client)
-    assert {name: w["pid"] for name, w in workers_info(client).items()} == pids, "a worker process was replaced"
+    assert {name: w["pid"] for name, w in by_name(client.scheduler_info()).items()} == pids, "a worker process was replaced"
     assert all(peaks[name] - start[name] > big.nbytes / 2 for name in procs), "the workers never held the data?"
 
     def within() -> bool:
@@ -392,11 +287,9 @@ def test_ten_rounds_of_scatter_use_exit_leave_worker_memory_where_it_was(data_cl
 
 # ------------------------------------------------------------------ failures
 @pytest.mark.timeout(300)
-def test_killing_a_worker_holding_the_data_mid_call_still_gives_correct_results(data_cluster, big, tmp_path):
+def test_killing_a_worker_holding_the_data_mid_call_still_gives_correct_results(data_cluster, big, marks):
     cluster, _ = data_cluster
     client = cluster.client
-    marks = tmp_path / "marks"
-    marks.mkdir()
 
     def call():
         with parallel_config(backend="cluster", scheduler=client):
@@ -405,23 +298,21 @@ def test_killing_a_worker_holding_the_data_mid_call_still_gives_correct_results(
 
     pool, future = run_in_thread(call)
     with pool:
-        victim_pid = find_mark(marks)
+        victim_pid = wait_for_mark(marks, 60)
         victim = cluster.worker_of(victim_pid)
         wait_until(lambda: data_held(client)[victim.name][0] == 1, 10, "the worker running a task must hold its data")
         victim.kill()
         results = future.result(240)
     assert [s for _, s in results] == expected_sums(big, 16)
     survivor = [w for w in cluster.workers if w is not victim][0]
-    assert list(workers_info(client)) == [survivor.name]
+    assert list(by_name(client.scheduler_info())) == [survivor.name]
 
 
 @pytest.mark.timeout(300)
-def test_sole_holder_dies_and_the_data_comes_again_from_the_client(daemons, big, tmp_path):
+def test_sole_holder_dies_and_the_data_comes_again_from_the_client(daemons, big, marks):
     """The only worker holding a key dies mid-call; a new worker gets it from the client's copy."""
     sched = daemons.scheduler()
     first = daemons.worker(sched.address, name="first")
-    marks = tmp_path / "marks"
-    marks.mkdir()
     with jobsched.Client(sched.address, timeout=10) as client:
         wait_for_workers(client, ["first"])
 
@@ -432,61 +323,15 @@ def test_sole_holder_dies_and_the_data_comes_again_from_the_client(daemons, big,
 
         pool, future = run_in_thread(call)
         with pool:
-            find_mark(marks)
+            wait_for_mark(marks, 60)
             wait_until(lambda: data_held(client)["first"][0] == 1, 10, "the worker running a task must hold its data")
             first.kill()  # the only copy on any worker is gone
-            wait_until(lambda: "first" not in workers_info(client), 30, "the dead worker is still listed")
+            wait_until(lambda: "first" not in by_name(client.scheduler_info()), 30, "the dead worker is still listed")
             assert not future.done()
             daemons.worker(sched.address, name="second")
             results = future.result(240)
         assert [s for _, s in results] == expected_sums(big, 8)
         wait_data_freed(client)
-
-
-# ------------------------------------------------------------------ end to end
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    rows = np.random.RandomState(0).choice(len(X), 600, replace=False)
-    return X[rows], y[rows]
-
-
-def _searches():
-    from scipy.stats import loguniform
-    from sklearn.model_selection import GridSearchCV, RandomizedSearchCV
-    from sklearn.svm import SVC
-
-    return {
-        "randomized": lambda n_jobs: RandomizedSearchCV(
-            SVC(), {"C": loguniform(1e-2, 1e3), "gamma": loguniform(1e-4, 1e-1), "kernel": ["rbf", "poly"]},
-            n_iter=8, cv=3, random_state=0, n_jobs=n_jobs),
-        "grid": lambda n_jobs: GridSearchCV(
-            SVC(), {"C": [0.1, 1.0, 10.0], "gamma": [1e-3, 1e-2]}, cv=3, n_jobs=n_jobs),
-    }
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["randomized", "grid"])
-def test_search_with_scatter_matches_the_serial_run(data_cluster, digits, kind):
-    cluster, _ = data_cluster
-    X, y = digits
-    make = _searches()[kind]
-    serial = make(1).fit(X, y)
-    before = {name: w["completed"] for name, w in workers_info(cluster.client).items()}
-    with parallel_config(backend="cluster", scheduler=cluster.client, scatter=[X, y]):
-        wait_held_everywhere(cluster.client, 2, X.nbytes)
-        search = make(-1).fit(X, y)
-    assert_same_cv_results(search.cv_results_, serial.cv_results_)
-    assert search.best_params_ == serial.best_params_
-    assert search.best_score_ == serial.best_score_
-    np.testing.assert_array_equal(search.predict(X), serial.predict(X))
-    after = {name: w["completed"] for name, w in workers_info(cluster.client).items()}
-    assert sum(after.values()) > sum(before.values()), "the fits did not run on the cluster"
-    wait_data_freed(cluster.client)
 
 
 # ------------------------------------------------------------------ freeing
@@ -516,7 +361,7 @@ def test_data_is_freed_when_the_context_exits_on_an_error(data_cluster, big):
     with pytest.raises(ZeroDivisionError):
         with parallel_config(backend="cluster", scheduler=client, scatter=[big]):
             wait_held_everywhere(client, 1, big.nbytes)
-            1 / 0
+            raise ZeroDivisionError("an error inside the context")
     wait_data_freed(client)
 
 

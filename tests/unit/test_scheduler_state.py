@@ -12,18 +12,15 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from jobsched.protocol import messages as m
 from jobsched.scheduler.state import (
-    MAX_NAME,
     Close,
     MessageReceived,
     PeerConnected,
     PeerDisconnected,
-    SchedulerConfig,
     SchedulerState,
     Send,
     Ticked,
 )
-
-HB = 1.0  # default heartbeat interval sent in Welcome
+from support import HB, SchedulerSim
 
 
 def payload(batch_id: int) -> tuple:
@@ -34,35 +31,8 @@ def result(batch_id: int) -> tuple:
     return (b"result-%d" % batch_id,)
 
 
-class Sim:
-    """A SchedulerState plus helpers; every event is followed by ``validate()``."""
-
-    def __init__(self, **config) -> None:
-        self.state = SchedulerState(SchedulerConfig(**config))
-        self.log: list = []
-
-    def __call__(self, event) -> list:
-        out = self.state.handle(event)
-        self.state.validate()
-        self.log.append((event, out))
-        return out
-
-    def msg(self, conn: int, message: m.Message) -> list:
-        return self(MessageReceived(conn, message))
-
-    def client(self, conn: int, name: str = "laptop") -> None:
-        assert self(PeerConnected(conn, f"tcp://10.0.0.{conn}:40000")) == []
-        assert self.msg(conn, m.RegisterClient(name, 1000 + conn, "laptop.lab")) == [
-            Send(conn, m.Welcome(f"client-{conn}", HB))
-        ]
-
-    def worker(self, conn: int, name: str, nthreads: int = 1, data_address: str = "") -> list:
-        """Register a worker; returns the commands after its Welcome (e.g. Executes)."""
-        assert self(PeerConnected(conn, f"tcp://10.0.1.{conn}:41000")) == []
-        out = self.msg(conn, m.RegisterWorker(name, nthreads, 2000 + conn, f"node{conn}", 2**30, data_address))
-        # the scheduler keeps at most MAX_NAME characters of what a peer calls itself
-        assert out[0] == Send(conn, m.Welcome(name[:MAX_NAME], self.state.config.heartbeat_interval))
-        return out[1:]
+class Sim(SchedulerSim):
+    """``support.SchedulerSim`` with batches to submit and finish."""
 
     def submit(self, conn: int, batch_id: int, call_id: int = 1, func: str = "fit", max_running: int = 0) -> list:
         return self.msg(conn, m.SubmitBatch(batch_id, call_id, func, max_running, payload(batch_id)))
@@ -1298,6 +1268,7 @@ def run_world(actions, reuse: bool) -> World:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("reuse", [False, True], ids=["call-ids-never-reused", "call-ids-reused-after-cancel"])
 @settings(
     max_examples=100,
     deadline=None,
@@ -1305,23 +1276,9 @@ def run_world(actions, reuse: bool) -> World:
     phases=[Phase.explicit, Phase.reuse, Phase.generate],  # shrinking these long runs takes minutes
 )
 @given(actions=action_lists)
-def test_random_sequences_keep_invariants_and_every_batch_ends(actions):
-    """Call ids are never reused after a cancel (what jobsched.client does)."""
-    world = run_world(actions, reuse=False)
-    again = run_world(actions, reuse=False)
+def test_random_sequences_keep_invariants_and_every_batch_ends(actions, reuse):
+    """Any well-typed message sequence: with call ids never reused after a cancel (what
+    jobsched.client does), and with a call id reused after CancelCall."""
+    world = run_world(actions, reuse=reuse)
+    again = run_world(actions, reuse=reuse)
     assert world.sim.log == again.sim.log  # deterministic
-
-
-@pytest.mark.timeout(60)
-@settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # shrinking these long runs takes minutes
-)
-@given(actions=action_lists)
-def test_random_sequences_with_call_ids_reused_after_cancel(actions):
-    """Any well-typed message sequence, including a call id reused after CancelCall."""
-    world = run_world(actions, reuse=True)
-    again = run_world(actions, reuse=True)
-    assert world.sim.log == again.sim.log

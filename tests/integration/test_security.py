@@ -28,15 +28,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tasks
 import trustme
-from conftest import closed_by_peer, daemon_env, wait_for_workers
 from joblib import Parallel, delayed, parallel_config
-from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, InitiatorHandshake, Role, encode_frame
+from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, InitiatorHandshake, Role
 from jobsched.protocol import handshake as hs_module
 from jobsched.protocol import messages as m
 from jobsched.protocol.address import parse_address
 from jobsched.protocol.messages import PROTOCOL_VERSION
+from support import (
+    HELLO,
+    challenge_body,
+    closed_by_peer,
+    daemon_env,
+    exit_status,
+    frame_bytes,
+    hello_body,
+    message_bytes,
+    parse_challenge,
+    private_file,
+    raw_connect,
+    read_frame,
+    read_message,
+    registered_client_socket,
+    send_frame,
+    squares,
+    wait_for_workers,
+)
 
 import jobsched
 
@@ -70,55 +87,6 @@ def listening_on(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def write_secret_file(path: Path, content: str, mode: int) -> Path:
-    path.write_text(content + "\n")
-    os.chmod(path, mode)
-    return path
-
-
-def send_frame(sock: socket.socket, body: bytes) -> None:
-    sock.sendall(b"".join(bytes(p) for p in encode_frame(body)))
-
-
-def read_frame(sock: socket.socket, decoder: FrameDecoder, timeout: float = 10.0):
-    sock.settimeout(timeout)
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed by the scheduler")
-        frames = decoder.feed(data)
-        if frames:
-            return frames[0]
-
-
-def raw_connect(address: str) -> socket.socket:
-    addr = parse_address(address)
-    assert addr.host == "127.0.0.1"
-    return socket.create_connection((addr.host, addr.port), timeout=10)
-
-
-def authenticated_client_socket(address: str, secret: bytes) -> tuple[socket.socket, FrameDecoder]:
-    """A raw socket past the handshake and registered as a client."""
-    sock = raw_connect(address)
-    hs = InitiatorHandshake(Role.CLIENT, secret, PROTOCOL_VERSION)
-    decoder = FrameDecoder(PREAUTH_LIMITS)
-    send_frame(sock, hs.hello())
-    proof = hs.receive(read_frame(sock, decoder).body)
-    assert proof is not None
-    send_frame(sock, proof)
-    assert hs.receive(read_frame(sock, decoder).body) is None and hs.done
-    decoder.limits = FrameLimits()
-    sock.sendall(b"".join(bytes(p) for p in m.encode(m.RegisterClient("raw-client", os.getpid(), "test"))))
-    welcome = m.decode(read_frame(sock, decoder))
-    assert type(welcome) is m.Welcome
-    return sock, decoder
-
-
-def squares(client: jobsched.Client, n: int = 24) -> list[int]:
-    with parallel_config(backend="cluster", scheduler=client):
-        return Parallel(n_jobs=-1)(delayed(tasks.square)(i) for i in range(n))
 
 
 # -------------------------------------------------------- certificates (PKI)
@@ -232,7 +200,7 @@ def test_secret_cannot_be_given_on_the_command_line(module):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602, 0o666])
 def test_secret_file_accessible_by_group_or_others_is_refused_by_the_scheduler(tmp_path, mode):
-    path = write_secret_file(tmp_path / "secret", "s3cret-value", mode)
+    path = private_file(tmp_path / "secret", "s3cret-value\n", mode)
     status, out, err = run_cli("jobsched.scheduler", "--port", "0", "--scheduler-file", str(tmp_path / "s.json"),
                                "--secret-file", str(path), env=daemon_env())
     assert status == 2, (status, out, err)
@@ -244,7 +212,7 @@ def test_secret_file_accessible_by_group_or_others_is_refused_by_the_scheduler(t
 
 @pytest.mark.timeout(60)
 def test_world_readable_secret_file_is_refused_through_the_environment_and_by_worker_and_client(tmp_path):
-    path = write_secret_file(tmp_path / "secret", "s3cret-value", 0o644)
+    path = private_file(tmp_path / "secret", "s3cret-value\n", 0o644)
     env = daemon_env()
     env["JOBSCHED_SECRET_FILE"] = str(path)
     status, _, err = run_cli("jobsched.scheduler", "--port", "0", "--scheduler-file", str(tmp_path / "s.json"), env=env)
@@ -260,7 +228,7 @@ def test_world_readable_secret_file_is_refused_through_the_environment_and_by_wo
 def test_unusable_secret_file_is_refused_with_a_reason(tmp_path, case):
     path = tmp_path / "secret"
     if case == "empty":
-        write_secret_file(path, "", 0o600)
+        private_file(path, "\n", 0o600)
     status, _, err = run_cli("jobsched.scheduler", "--port", "0", "--secret-file", str(path), env=daemon_env())
     assert status == 2
     assert str(path) in err
@@ -340,10 +308,7 @@ def test_client_with_mismatched_secret_gets_authentication_error_naming_the_secr
 def test_worker_with_wrong_secret_exits_nonzero_saying_so(daemons, worker_secret):
     sched = daemons.scheduler(secret=SECRET)
     worker = daemons.worker(sched.address, "--death-timeout", "30", name="badsecret", secret=worker_secret)
-    try:
-        status = worker.wait_exit(20)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"a worker with a wrong secret kept running:\n{worker.log()}") from None
+    status = exit_status(worker, 20, "a worker with a wrong secret kept running")
     assert status != 0
     log = worker.log()
     assert "secret" in log, log
@@ -353,19 +318,6 @@ def test_worker_with_wrong_secret_exits_nonzero_saying_so(daemons, worker_secret
 
 
 # -------------------------------------------------------------- handshake
-def _hello(version: int = PROTOCOL_VERSION, role: int = Role.CLIENT, has_secret: int = 1, nonce: bytes | None = None) -> bytes:
-    return struct.pack(f"!8sHBB{hs_module.NONCE_SIZE}s", hs_module.MAGIC, version, role, has_secret,
-                       nonce or os.urandom(hs_module.NONCE_SIZE))
-
-
-def _parse_challenge(body: bytes) -> tuple[int, int, bytes, bytes, str]:
-    size = struct.calcsize(f"!8sHBB{hs_module.NONCE_SIZE}s{hs_module.MAC_SIZE}s")
-    magic, version, status, _has_secret, nonce_a, mac_a = struct.unpack_from(
-        f"!8sHBB{hs_module.NONCE_SIZE}s{hs_module.MAC_SIZE}s", body)
-    assert magic == hs_module.MAGIC
-    return version, status, nonce_a, mac_a, body[size:].decode("utf-8", "replace")
-
-
 @pytest.mark.timeout(60)
 def test_protocol_version_mismatch_is_named_on_both_sides(daemons):
     sched = daemons.scheduler(secret=SECRET)
@@ -402,7 +354,7 @@ def test_recorded_handshake_cannot_be_replayed_or_reflected(daemons):
         try:
             decoder = FrameDecoder(PREAUTH_LIMITS)
             send_frame(sock, hello)
-            _, status, _, _, _ = _parse_challenge(read_frame(sock, decoder).body)
+            _, status, _, _, _ = parse_challenge(read_frame(sock, decoder).body)
             assert status == 0  # the hello itself is fine...
             send_frame(sock, proof)
             verdict = read_frame(sock, decoder).body
@@ -416,8 +368,8 @@ def test_recorded_handshake_cannot_be_replayed_or_reflected(daemons):
     sock = raw_connect(sched.address)
     try:
         decoder = FrameDecoder(PREAUTH_LIMITS)
-        send_frame(sock, _hello())
-        _, status, _, mac_a, _ = _parse_challenge(read_frame(sock, decoder).body)
+        send_frame(sock, hello_body())
+        _, status, _, mac_a, _ = parse_challenge(read_frame(sock, decoder).body)
         assert status == 0 and mac_a != bytes(hs_module.MAC_SIZE)
         send_frame(sock, bytes([0]) + mac_a)
         assert read_frame(sock, decoder).body[0] == hs_module.Status.AUTH
@@ -438,15 +390,15 @@ def test_scheduler_relays_payloads_without_unpickling_them(daemons, tmp_path):
 
     payload = pickle.dumps(Bomb(), protocol=5)
     sched = daemons.scheduler(secret=SECRET)  # no worker yet: only the scheduler holds the batch
-    sock, decoder = authenticated_client_socket(sched.address, SECRET.encode())
+    sock, decoder = registered_client_socket(sched.address, SECRET.encode())
     try:
-        sock.sendall(b"".join(bytes(p) for p in m.encode(m.SubmitBatch(1, 1, "bomb", 0, (payload,)))))
+        sock.sendall(message_bytes(m.SubmitBatch(1, 1, "bomb", 0, (payload,))))
         time.sleep(1.5)
         assert not marker.exists(), "the scheduler unpickled a batch"
         assert sched.proc.poll() is None
         # positive control: a worker does unpickle it, proving the payload was live
         daemons.worker(sched.address, name="w-bomb", secret=SECRET)
-        done = m.decode(read_frame(sock, decoder, timeout=30))
+        done = read_message(sock, decoder, timeout=30)
         assert type(done) is m.BatchDone and done.batch_id == 1
         assert marker.is_dir()
         assert done.status == m.ERROR  # the payload was not a (batch, context) pair
@@ -484,9 +436,7 @@ class FakeScheduler:
             self._handlers.append(handler)
 
     def _challenge(self, version: int = PROTOCOL_VERSION, has_secret: int = 1) -> bytes:
-        body = struct.pack(f"!8sHBB{hs_module.NONCE_SIZE}s{hs_module.MAC_SIZE}s", hs_module.MAGIC, version, 0,
-                           has_secret, os.urandom(hs_module.NONCE_SIZE), os.urandom(hs_module.MAC_SIZE))
-        return b"".join(bytes(p) for p in encode_frame(body))
+        return frame_bytes(challenge_body(version, has_secret=has_secret))
 
     def _handle(self, conn: socket.socket) -> None:
         received = bytearray()
@@ -577,7 +527,7 @@ def test_client_facing_a_fake_scheduler_gets_a_clear_error_and_reveals_no_proof(
     fake_scheduler.close()
     sent = b"".join(fake_scheduler.received)
     frames = FrameDecoder(FrameLimits()).feed(sent)
-    assert frames and len(frames[0].body) == struct.calcsize(f"!8sHBB{hs_module.NONCE_SIZE}s")  # its hello
+    assert frames and len(frames[0].body) == HELLO.size  # its hello
     for f in frames[1:]:
         # never a proof of the secret to a peer that has not proven itself: at most a refusal, with no MAC
         assert f.body[0] != hs_module.Status.OK or f.body[1:1 + hs_module.MAC_SIZE] == bytes(hs_module.MAC_SIZE), f.body
@@ -591,10 +541,7 @@ def test_client_facing_a_fake_scheduler_gets_a_clear_error_and_reveals_no_proof(
 )
 def test_worker_facing_a_fake_scheduler_exits_nonzero_naming_the_cause(daemons, fake_scheduler, expected):
     worker = daemons.worker(fake_scheduler.address, "--death-timeout", "3", name="w-fake", secret=SECRET)
-    try:
-        status = worker.wait_exit(30)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"worker kept running against a fake scheduler:\n{worker.log()}") from None
+    status = exit_status(worker, 30, "worker kept running against a fake scheduler")
     assert status != 0
     assert expected in worker.log(), worker.log()
     assert "Traceback" not in worker.log()
@@ -607,7 +554,7 @@ def test_mutual_tls_with_secret_runs_a_real_joblib_call_end_to_end(tls_cluster, 
     with jobsched.Client(sched.address, secret=SECRET, timeout=10, **pki.client_kwargs()) as client:
         workers = wait_for_workers(client, ["tls-w0"])
         assert workers["tls-w0"]["nthreads"] == 2
-        assert squares(client) == [i * i for i in range(24)]
+        assert squares(client, 24) == [i * i for i in range(24)]
         # large arrays travel as out-of-band buffers: through TLS too
         arrays = [np.arange(200_000, dtype=np.float64) * k for k in range(4)]
         with parallel_config(backend="cluster", scheduler=client):
@@ -617,7 +564,7 @@ def test_mutual_tls_with_secret_runs_a_real_joblib_call_end_to_end(tls_cluster, 
     # the listening port speaks TLS only: a plaintext jobsched hello gets no jobsched answer
     sock = raw_connect(sched.address.replace("tls://", "tcp://"))
     try:
-        send_frame(sock, _hello())
+        send_frame(sock, hello_body())
         sock.settimeout(5)
         try:
             reply = sock.recv(65536)
@@ -746,10 +693,7 @@ def test_worker_refused_by_a_tls_scheduler_exits_nonzero_naming_the_cause(daemon
     else:
         args, expected, secret = pki.worker_args(), "secret", None
     worker = daemons.worker(sched.address, *args, "--death-timeout", "3", name=f"refused-{case}", secret=secret)
-    try:
-        status = worker.wait_exit(30)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"refused worker kept running:\n{worker.log()}") from None
+    status = exit_status(worker, 30, "refused worker kept running")
     assert status != 0
     assert expected in worker.log(), worker.log()
     assert sched.proc.poll() is None
@@ -889,7 +833,7 @@ def test_multi_host_scheduler_and_workers_in_separate_network_namespaces(tmp_pat
     ns = Namespaces(str(pid), 3, subnet=f"10.213.{pid % 200 + 20}")
     sched_host = ns.address(0)
     pki = PKI(tmp_path, server_identities=(sched_host,))
-    secret_file = write_secret_file(tmp_path / "cluster.secret", secrets.token_urlsafe(32), 0o600)
+    secret_file = private_file(tmp_path / "cluster.secret", secrets.token_urlsafe(32) + "\n", 0o600)
     env = daemon_env()
     procs: list[subprocess.Popen] = []
     logs: dict[str, Path] = {}

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from jobsched.protocol import DEFAULT_PORT, Address, is_loopback_host, parse_address
 from jobsched.runtime.scheduler_file import read_scheduler_file, write_scheduler_file
 from jobsched.runtime.secret import ENV_SECRET, ENV_SECRET_FILE, SecretError, load_secret, read_secret_file
+from support import private_file
 
 # ------------------------------------------------------------------ addresses
 
@@ -191,12 +192,6 @@ def clean_env(monkeypatch):
     for name in (ENV_SECRET, ENV_SECRET_FILE, "CREDENTIALS_DIRECTORY"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
-
-
-def private_file(path, content: bytes, mode: int = 0o600) -> str:
-    path.write_bytes(content)
-    os.chmod(path, mode)
-    return str(path)
 
 
 def test_no_secret_anywhere_is_none(clean_env):

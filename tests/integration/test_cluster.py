@@ -9,84 +9,33 @@ import socket
 import struct
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import msgpack
 import psutil
 import pytest
 import tasks
-from conftest import BIN_DIR, RunningCluster, closed_by_peer, daemon_env, start_cluster, wait_for_workers, wait_until
 from joblib import Parallel, delayed, parallel_config
-from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, InitiatorHandshake, Role, encode_frame
+from jobsched.protocol import PREAUTH_LIMITS
 from jobsched.protocol import messages as m
 from jobsched.protocol.address import parse_address
-from jobsched.protocol.messages import PROTOCOL_VERSION
+from support import (
+    BIN_DIR,
+    RunningCluster,
+    authenticated_socket,
+    closed_by_peer,
+    daemon_env,
+    message_bytes,
+    raw_connect,
+    run_in_thread,
+    send_frame,
+    squares,
+    start_cluster,
+    wait_for_mark,
+    wait_for_workers,
+    wait_until,
+)
 
 import jobsched
-
-
-# ---------------------------------------------------------------- helpers
-@pytest.fixture
-def marks(tmp_path) -> Path:
-    """An empty directory where tasks leave ``started-<pid>`` marks."""
-    path = tmp_path / "marks"
-    path.mkdir()
-    return path
-
-
-def wait_for_mark(directory: Path, timeout: float = 20.0) -> int:
-    """The pid in the first ``started-<pid>`` mark a task leaves in ``directory``."""
-    marks = wait_until(lambda: sorted(directory.glob("started-*")), timeout, f"no task started ({directory})")
-    return int(marks[0].name.split("-", 1)[1])
-
-
-def run_in_thread(fn, *args):
-    """Run ``fn`` in a helper thread; returns (executor, future).  joblib's config is
-    thread-local, so ``fn`` enters its own ``parallel_config``."""
-    pool = ThreadPoolExecutor(1)
-    return pool, pool.submit(fn, *args)
-
-
-def raw_connect(address: str) -> socket.socket:
-    addr = parse_address(address)
-    assert addr.host == "127.0.0.1"
-    return socket.create_connection((addr.host, addr.port), timeout=10)
-
-
-def send_frame(sock: socket.socket, body: bytes) -> None:
-    sock.sendall(b"".join(bytes(p) for p in encode_frame(body)))
-
-
-def read_frame(sock: socket.socket, decoder: FrameDecoder):
-    sock.settimeout(10)
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed during the handshake")
-        frames = decoder.feed(data)
-        if frames:
-            assert len(frames) == 1
-            return frames[0]
-
-
-def authenticated_socket(address: str) -> socket.socket:
-    """A raw socket that has completed the (secret-less) handshake as a client."""
-    sock = raw_connect(address)
-    hs = InitiatorHandshake(Role.CLIENT, None, PROTOCOL_VERSION)
-    decoder = FrameDecoder(PREAUTH_LIMITS)
-    send_frame(sock, hs.hello())
-    proof = hs.receive(read_frame(sock, decoder).body)
-    assert proof is not None
-    send_frame(sock, proof)
-    assert hs.receive(read_frame(sock, decoder).body) is None
-    assert hs.done
-    return sock
-
-
-def squares_on(client: jobsched.Client, n: int = 20) -> list[int]:
-    with parallel_config(backend="cluster", scheduler=client):
-        return Parallel(n_jobs=-1)(delayed(tasks.square)(i) for i in range(n))
 
 
 # ------------------------------------------------------------------- CLIs
@@ -212,7 +161,7 @@ def test_garbage_bytes_close_that_connection_only(cluster: RunningCluster):
         assert closed_by_peer(sock, 10), "the scheduler kept a connection that sent garbage"
     finally:
         sock.close()
-    assert squares_on(cluster.client) == [i * i for i in range(20)]
+    assert squares(cluster.client) == [i * i for i in range(20)]
     assert "closing connection from" in cluster.scheduler.log()
 
 
@@ -223,7 +172,7 @@ def test_bad_hello_frame_closes_that_connection_only(cluster: RunningCluster):
         assert closed_by_peer(sock, 10)
     finally:
         sock.close()
-    assert squares_on(cluster.client) == [i * i for i in range(20)]
+    assert squares(cluster.client) == [i * i for i in range(20)]
 
 
 @pytest.mark.parametrize("body_length, buffers", [(2**32 - 1, 0), (PREAUTH_LIMITS.max_body + 1, 0), (10, 1)])
@@ -234,7 +183,7 @@ def test_oversized_frame_header_closes_that_connection_only(cluster: RunningClus
         assert closed_by_peer(sock, 10), "an oversized frame header was not refused"
     finally:
         sock.close()
-    assert squares_on(cluster.client) == [i * i for i in range(20)]
+    assert squares(cluster.client) == [i * i for i in range(20)]
     assert "FrameTooLarge" in cluster.scheduler.log()
 
 
@@ -244,23 +193,23 @@ def test_oversized_frame_header_closes_that_connection_only(cluster: RunningClus
     ids=["invalid-msgpack", "unknown-op", "not-a-list", "truncated"],
 )
 def test_malformed_message_after_handshake_closes_that_connection_only(cluster: RunningCluster, body):
-    sock = authenticated_socket(cluster.address)
+    sock, _ = authenticated_socket(cluster.address)
     try:
         send_frame(sock, body)
         assert closed_by_peer(sock, 10), "a malformed message did not close the connection"
     finally:
         sock.close()
-    assert squares_on(cluster.client) == [i * i for i in range(20)]
+    assert squares(cluster.client) == [i * i for i in range(20)]
 
 
 def test_message_before_registration_closes_that_connection_only(cluster: RunningCluster):
-    sock = authenticated_socket(cluster.address)
+    sock, _ = authenticated_socket(cluster.address)
     try:
-        sock.sendall(b"".join(bytes(p) for p in m.encode(m.Heartbeat(0))))
+        sock.sendall(message_bytes(m.Heartbeat(0)))
         assert closed_by_peer(sock, 10)
     finally:
         sock.close()
-    assert squares_on(cluster.client) == [i * i for i in range(20)]
+    assert squares(cluster.client) == [i * i for i in range(20)]
     assert "expected a registration" in cluster.scheduler.log()
 
 
@@ -270,14 +219,14 @@ def test_silent_connection_is_dropped_after_handshake_deadline(cluster: RunningC
     start = time.monotonic()
     try:
         # the scheduler goes on serving others while the silent peer holds its socket
-        assert squares_on(cluster.client, 50) == [i * i for i in range(50)]
+        assert squares(cluster.client, 50) == [i * i for i in range(50)]
         assert closed_by_peer(sock, 20), "a silent connection was never dropped"
         elapsed = time.monotonic() - start
     finally:
         sock.close()
     assert 8 <= elapsed <= 20, elapsed  # the handshake deadline is 10 s
     assert "no handshake within" in cluster.scheduler.log()
-    assert squares_on(cluster.client) == [i * i for i in range(20)]
+    assert squares(cluster.client) == [i * i for i in range(20)]
 
 
 # ---------------------------------------------------- scheduler_info, placement
@@ -398,7 +347,7 @@ def test_error_aborts_the_call_and_drops_its_queued_batches(cluster: RunningClus
     assert time.monotonic() - start < 5, "the call waited for its remaining batches"
     # the queued batches were dropped: the scheduler is idle again within a few sleeps
     wait_until(lambda: cluster.client.scheduler_info()["tasks"] == 0, 5, "queued batches were not dropped")
-    assert squares_on(cluster.client) == [i * i for i in range(20)]
+    assert squares(cluster.client) == [i * i for i in range(20)]
 
 
 # ------------------------------------------------------ generators, timeout
@@ -430,7 +379,7 @@ def test_dropped_generator_cancels_the_rest(cluster: RunningCluster):
         assert next(gen) == 0
         gen.close()
     wait_until(lambda: cluster.client.scheduler_info()["tasks"] == 0, 5, "the dropped call kept its batches")
-    assert squares_on(cluster.client) == [i * i for i in range(20)]
+    assert squares(cluster.client) == [i * i for i in range(20)]
 
 
 def test_timeout_raises_and_cluster_stays_usable(cluster: RunningCluster):
@@ -440,7 +389,7 @@ def test_timeout_raises_and_cluster_stays_usable(cluster: RunningCluster):
             Parallel(n_jobs=-1, timeout=0.5)(delayed(tasks.sleep_and_return)(2.0, i) for i in range(4))
     assert time.monotonic() - start < 2.0
     # the slots free up once the running sleeps end; the next call works
-    assert squares_on(cluster.client) == [i * i for i in range(20)]
+    assert squares(cluster.client) == [i * i for i in range(20)]
     wait_until(lambda: cluster.client.scheduler_info()["tasks"] == 0, 10, "timed-out batches linger")
 
 

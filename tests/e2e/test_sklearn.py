@@ -6,60 +6,30 @@ import os
 
 import numpy as np
 import pytest
-from conftest import RunningCluster, assert_same_cv_results
 from joblib import parallel_config
 from jobsched.client import backend as backend_module
 from jobsched.client import current_client
-
-import jobsched
+from support import RunningCluster, assert_same_search, batches_completed, svc_search
 
 sklearn = pytest.importorskip("sklearn")
-from scipy.stats import loguniform  # noqa: E402  (scikit-learn depends on scipy)
-from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.ensemble import RandomForestClassifier  # noqa: E402
 from sklearn.model_selection import RandomizedSearchCV, cross_val_score  # noqa: E402
 from sklearn.svm import SVC  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def digits():
-    X, y = load_digits(return_X_y=True)
-    rng = np.random.RandomState(0)
-    rows = rng.choice(len(X), 600, replace=False)  # a subsample keeps the searches fast
-    return X[rows], y[rows]
-
-
-def make_search(n_jobs):
-    return RandomizedSearchCV(
-        SVC(),
-        {"C": loguniform(1e-2, 1e3), "gamma": loguniform(1e-4, 1e-1), "kernel": ["rbf", "poly"]},
-        n_iter=8,
-        cv=3,
-        random_state=0,
-        n_jobs=n_jobs,
-    )
-
-
-@pytest.fixture(scope="module")
 def serial_search(digits):
     X, y = digits
     with parallel_config(backend="sequential"):
-        return make_search(n_jobs=1).fit(X, y)
+        return svc_search("randomized", n_jobs=1).fit(X, y)
 
 
 def check_search(digits, serial_search) -> RandomizedSearchCV:
     X, y = digits
-    search = make_search(n_jobs=-1).fit(X, y)
+    search = svc_search("randomized", n_jobs=-1).fit(X, y)
     # params, param_*, split*_test_score, mean/std/rank_test_score
-    assert assert_same_cv_results(search.cv_results_, serial_search.cv_results_) >= 10
-    assert search.best_params_ == serial_search.best_params_
-    assert search.best_score_ == serial_search.best_score_
-    np.testing.assert_array_equal(search.predict(X), serial_search.predict(X))
+    assert assert_same_search(search, serial_search, X) >= 10
     return search
-
-
-def completed_on(client: jobsched.Client) -> int:
-    return sum(w["completed"] for w in client.scheduler_info()["workers"].values())
 
 
 @pytest.mark.timeout(180)
@@ -79,7 +49,7 @@ def test_randomized_search_on_embedded_default(digits, serial_search):
         check_search(digits, serial_search)
     embedded = backend_module._shared_clients.get((None, None))
     assert embedded is not None and embedded.cluster is not None, "no embedded local cluster was started"
-    assert completed_on(embedded) > 0
+    assert batches_completed(embedded) > 0
     processes = list(embedded.cluster.processes)
     assert processes and all(p.poll() is None for p in processes)
     assert os.getpid() not in {w["pid"] for w in embedded.scheduler_info()["workers"].values()}
@@ -92,21 +62,21 @@ def test_randomized_search_on_embedded_default(digits, serial_search):
 def test_cross_val_score_matches_serial(cluster: RunningCluster, digits):
     X, y = digits
     serial = cross_val_score(SVC(gamma=0.001), X, y, cv=5, n_jobs=1)
-    before = completed_on(cluster.client)
+    before = batches_completed(cluster.client)
     with parallel_config(backend="cluster"):
         distributed = cross_val_score(SVC(gamma=0.001), X, y, cv=5, n_jobs=-1)
     np.testing.assert_array_equal(distributed, serial)
-    assert completed_on(cluster.client) > before
+    assert batches_completed(cluster.client) > before
 
 
 def forest_on(cluster: RunningCluster, digits, **config) -> tuple[RandomForestClassifier, int]:
     """Fit a forest (scikit-learn's ``prefer="threads"`` loop); returns it and how many
     batches the cluster ran for it."""
     X, y = digits
-    before = completed_on(cluster.client)
+    before = batches_completed(cluster.client)
     with parallel_config(backend="cluster", **config):
         forest = RandomForestClassifier(n_estimators=40, random_state=0, n_jobs=-1).fit(X, y)
-    return forest, completed_on(cluster.client) - before
+    return forest, batches_completed(cluster.client) - before
 
 
 def assert_same_forest(forest: RandomForestClassifier, digits) -> None:

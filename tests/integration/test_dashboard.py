@@ -10,7 +10,8 @@ for a person to look at; its path is printed, see ``pytest -s``, and copied to
 ``$JOBSCHED_DASHBOARD_SCREENSHOT`` when that is set).  Two more browser tests
 serve the page next to a fake ``/api/status`` to check the rendering of
 crafted data (escaping, bars, badges, throughput) and the "scheduler down"
-banner.  The browser tests skip when no chromium binary is installed.
+banner.  The browser tests skip when no chromium binary is installed.  The page's
+own file is checked in unit/test_dashboard_page.py.
 
 Every daemon and every browser runs in its own session and is ended with
 ``os.killpg`` on its process group, never by name.
@@ -28,8 +29,6 @@ import struct
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tasks
-from conftest import STARTUP_TIMEOUT, DaemonPool, daemon_env, wait_for_workers
 from joblib import Parallel, delayed, parallel_config
+from support import DaemonPool, Status, http_get, wait_for_workers
 
 import jobsched
 
@@ -51,17 +50,6 @@ WINDOW = (1400, 900)
 # workers: "dash-a" runs two processes (dash-a-0, dash-a-1) of 2 threads, "dash-b" one of 3
 NAMES = ["dash-a-0", "dash-a-1", "dash-b"]
 SLOTS = 2 + 2 + 3
-_no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, str, str]:
-    """(status, content type, body) of a GET, without any proxy from the environment."""
-    try:
-        with _no_proxy.open(url, timeout=timeout) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
 
 
 # ----------------------------------------------------------------------------- the cluster
@@ -95,11 +83,7 @@ class Job:
 class Live:
     def __init__(self, address: str, dashboard: str, job: Job, pool: DaemonPool) -> None:
         self.address, self.dashboard, self.job, self.pool = address, dashboard, job, pool
-
-    def status(self) -> dict:
-        code, _, body = http_get(self.dashboard + "/api/status")
-        assert code == 200, body
-        return json.loads(body)
+        self.status = Status(dashboard).get
 
     def wait(self, what: str, predicate: Callable[[dict], bool], timeout: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -109,7 +93,8 @@ class Live:
                 return status
             if time.monotonic() > deadline:
                 job_error = "" if self.job is None or self.job.error is None else f"\nthe job failed: {self.job.error!r}"
-                raise AssertionError(f"timed out waiting for {what}: {json.dumps(status)[:2000]}{job_error}\n{self.pool.report()}")
+                raise AssertionError(f"timed out waiting for {what}: {json.dumps(status)[:2000]}{job_error}\n"
+                                     f"{self.pool.report()}")
             time.sleep(0.1)
 
 
@@ -120,18 +105,9 @@ def live(tmp_path_factory, request) -> Iterator[Live]:
     failed_before = request.session.testsfailed
     client = job = None
     try:
-        sched_file = tmp / "scheduler.json"
-        sched = pool.spawn("scheduler", "jobsched.scheduler",
-                           ["--port", "0", "--scheduler-file", str(sched_file), "--dashboard-address", "127.0.0.1:0"],
-                           daemon_env())
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not sched_file.exists():
-            assert sched.proc.poll() is None, f"scheduler exited:\n{sched.log()}"
-            assert time.monotonic() < deadline, f"scheduler did not start:\n{sched.log()}"
-            time.sleep(0.02)
-        info = json.loads(sched_file.read_text())
-        address, dashboard = info["address"], info["dashboard"]
-        assert dashboard.startswith("http://127.0.0.1:"), info
+        sched = pool.scheduler("--dashboard-address", "127.0.0.1:0")
+        address, dashboard = sched.address, sched.info["dashboard"]
+        assert dashboard.startswith("http://127.0.0.1:"), sched.info
         pool.worker(address, "--nworkers", "2", name="dash-a", nthreads=2)
         pool.worker(address, "--memory-limit", "1GiB", name="dash-b", nthreads=3)
         doomed = pool.worker(address, "--no-nanny", name="dash-doomed")
@@ -209,15 +185,6 @@ def test_health_metrics_and_status_endpoints(live: Live) -> None:
     assert code == 200 and ctype.startswith("text/html") and "api/status" in body
 
 
-@pytest.mark.timeout(30)
-def test_dashboard_page_is_self_contained() -> None:
-    page = resources.files("jobsched.scheduler").joinpath("dashboard.html").read_text()
-    # the machines may have no internet: nothing may be fetched from elsewhere
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
-    assert "@import" not in page and "url(" not in page
-    assert len(page.splitlines()) < 450
-
-
 # --------------------------------------------------------------------------- browser
 def chromium(tmp: Path, url: str, *mode: str, budget_ms: int = 5000) -> str:
     """Run headless Chromium on ``url`` (``--dump-dom`` or ``--screenshot=PATH``) and return its stdout.
@@ -242,7 +209,7 @@ def chromium(tmp: Path, url: str, *mode: str, budget_ms: int = 5000) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"chromium did not finish within {BROWSER_TIMEOUT} s:\n{err.decode(errors='replace')}")
+        raise AssertionError(f"chromium did not finish within {BROWSER_TIMEOUT} s:\n{err.decode(errors='replace')}") from None
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # helpers (zygote, GPU, crashpad) left in its group
@@ -371,7 +338,7 @@ class FakeScheduler:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = "http://127.0.0.1:%d/" % self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> FakeScheduler:

@@ -5,8 +5,8 @@ the caller; exceptions keep their type and attributes; scikit-learn's config
 is in force in the tasks; BLAS/OpenMP pools are not oversubscribed.
 
 The task functions and the custom warning/exception classes are module-level,
-so workers import this module by name (conftest.py puts tests/ on their
-PYTHONPATH) and the caller resolves the same classes.
+so workers import this module by name (``support.daemon_env`` puts this folder on
+their PYTHONPATH) and the caller resolves the same classes.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg  # noqa: F401  (its BLAS is loaded when workers import this module)
-from conftest import RunningCluster, daemon_env, wait_for_workers
 from joblib import Parallel, delayed, parallel_config
 from jobsched.client.local_cluster import available_cores
 from jobsched.worker.cli import THREAD_LIMIT_VARS
+from support import RunningCluster, daemon_env, wait_for_workers
+from tasks import square
 
 import jobsched
 
@@ -57,20 +58,20 @@ WARN_LINE = 0  # set below: the line of the warnings.warn call in warn()
 
 def warn(category_name: str, message: str) -> str:
     category = {"UserWarning": UserWarning, "LabWarning": LabWarning, "RuntimeWarning": RuntimeWarning}[category_name]
-    warnings.warn(message, category)  # WARN_LINE
+    warnings.warn(message, category, stacklevel=1)  # WARN_LINE
     return message
 
 
 def warn_three_times(i: int) -> int:
     for _ in range(3):
-        warnings.warn("same place, same text", UserWarning)
+        warnings.warn("same place, same text", UserWarning, stacklevel=1)
     return i
 
 
 def warn_unknown_class(message: str) -> None:
     """A category the caller cannot import: made up on the worker."""
     category = type("EphemeralWarning", (UserWarning,), {"__module__": "no_such_module_anywhere"})
-    warnings.warn(message, category)
+    warnings.warn(message, category, stacklevel=1)
 
 
 def fit_unconverged(seed: int) -> int:
@@ -506,10 +507,6 @@ def test_sklearn_unset_metadata_passed_error_keeps_type_and_attributes(cluster: 
 
 
 # ------------------------------------------------------------------ no call hangs (found with scikit-learn's suite)
-def square(x: int) -> int:
-    return x * x
-
-
 def run_with_deadline(target, seconds: float) -> tuple[bool, list]:
     """Run ``target(out)`` in a daemon thread; returns (finished in time, out).  A daemon
     thread, so that a hung call cannot keep the test process from exiting."""

@@ -11,14 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jobsched.protocol import PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, FrameTooLarge, ProtocolError, encode_frame
+from support import frame_bytes
 
 HEADER = struct.Struct("!IH")
 LENGTH = struct.Struct("!Q")
-
-
-def wire(body: bytes, buffers=()) -> bytes:
-    """One frame as contiguous bytes."""
-    return b"".join(bytes(p) for p in encode_frame(body, buffers))
 
 
 @contextlib.contextmanager
@@ -90,7 +86,7 @@ def test_encode_frame_flattens_a_multidimensional_numpy_buffer():
     ],
 )
 def test_round_trip_whole_and_one_byte_at_a_time(body, buffers):
-    data = wire(body, buffers)
+    data = frame_bytes(body, buffers)
     for frames in (FrameDecoder().feed(data), feed_bytewise(FrameDecoder(), data)):
         assert frames == [Frame(body, tuple(bytearray(b) for b in buffers))]
         assert frames[0].body == body
@@ -98,7 +94,7 @@ def test_round_trip_whole_and_one_byte_at_a_time(body, buffers):
 
 
 def test_one_byte_at_a_time_yields_each_frame_exactly_when_its_last_byte_arrives():
-    data = wire(b"abc", [b"12345"])
+    data = frame_bytes(b"abc", [b"12345"])
     decoder = FrameDecoder()
     for i in range(len(data) - 1):
         assert decoder.feed(data[i : i + 1]) == []
@@ -115,13 +111,13 @@ def test_zero_length_body_and_no_buffers_is_a_frame():
 
 def test_many_frames_in_one_chunk_come_out_in_order():
     specs = [(b"f%d" % i, tuple(b"x" * j for j in range(i % 4))) for i in range(50)]
-    data = b"".join(wire(body, bufs) for body, bufs in specs)
+    data = b"".join(frame_bytes(body, bufs) for body, bufs in specs)
     frames = FrameDecoder().feed(data)
     assert [(f.body, tuple(bytes(b) for b in f.buffers)) for f in frames] == specs
 
 
 def test_a_chunk_ending_mid_frame_keeps_the_rest_for_later():
-    first, second = wire(b"one", [b"A" * 10]), wire(b"two", [b"B" * 10])
+    first, second = frame_bytes(b"one", [b"A" * 10]), frame_bytes(b"two", [b"B" * 10])
     decoder = FrameDecoder()
     cut = len(second) // 2
     assert decoder.feed(first + second[:cut]) == [Frame(b"one", (bytearray(b"A" * 10),))]
@@ -134,7 +130,7 @@ def test_empty_feeds_are_harmless():
     decoder = FrameDecoder()
     assert decoder.feed(b"") == []
     assert decoder.idle
-    data = wire(b"abc", [b"x"])
+    data = frame_bytes(b"abc", [b"x"])
     assert decoder.feed(data[:3]) == []
     assert decoder.feed(b"") == []
     assert decoder.feed(data[3:]) == [Frame(b"abc", (bytearray(b"x"),))]
@@ -143,7 +139,7 @@ def test_empty_feeds_are_harmless():
 @pytest.mark.timeout(30)
 def test_large_out_of_band_buffer_in_chunks():
     payload = np.random.default_rng(0).integers(0, 256, size=8 * 2**20, dtype=np.uint8).tobytes()
-    data = wire(b"big", [payload, b"", b"tail"])
+    data = frame_bytes(b"big", [payload, b"", b"tail"])
     decoder = FrameDecoder()
     frames = []
     for start in range(0, len(data), 65536 + 7):
@@ -158,7 +154,7 @@ def test_large_out_of_band_buffer_in_chunks():
 
 
 def test_buffers_come_out_as_writable_resizable_bytearrays():
-    (frame,) = FrameDecoder().feed(wire(b"", [b"abc" * 1000]))
+    (frame,) = FrameDecoder().feed(frame_bytes(b"", [b"abc" * 1000]))
     buf = frame.buffers[0]
     assert type(buf) is bytearray
     buf[0] = 0  # writable: numpy can rebuild arrays on it without a copy
@@ -167,7 +163,7 @@ def test_buffers_come_out_as_writable_resizable_bytearrays():
 
 
 def test_decoder_keeps_no_reference_to_the_callers_input():
-    data = bytearray(wire(b"body", [b"payload"]))
+    data = bytearray(frame_bytes(b"body", [b"payload"]))
     half = len(data) // 2
     decoder = FrameDecoder()
     chunk1, chunk2 = bytearray(data[:half]), bytearray(data[half:])
@@ -202,7 +198,7 @@ def fill_in_place(decoder: FrameDecoder, data: bytes, chunk: int) -> list[Frame]
 def test_fill_target_is_none_outside_a_buffer():
     decoder = FrameDecoder()
     assert decoder.fill_target() is None
-    data = wire(b"body", [b"x" * 100])
+    data = frame_bytes(b"body", [b"x" * 100])
     decoder.feed(data[:3])  # mid header
     assert decoder.fill_target() is None
     decoder.feed(data[3 : 6 + 8 + 2])  # mid body
@@ -211,7 +207,7 @@ def test_fill_target_is_none_outside_a_buffer():
 
 def test_large_buffer_is_received_in_place_without_copy():
     payload = bytes(range(256)) * 4096  # 1 MiB
-    data = wire(b"meta", [payload])
+    data = frame_bytes(b"meta", [payload])
     decoder = FrameDecoder()
     head = 6 + 8 + 4 + 10
     assert decoder.feed(data[:head]) == []
@@ -235,7 +231,7 @@ def test_large_buffer_is_received_in_place_without_copy():
 
 def test_in_place_receive_moves_on_to_the_next_buffer_and_frame():
     frames_in = [(b"a", [b"1" * 5000, b"", b"2" * 7000]), (b"b", []), (b"c", [b"3" * 3000])]
-    data = b"".join(wire(body, bufs) for body, bufs in frames_in)
+    data = b"".join(frame_bytes(body, bufs) for body, bufs in frames_in)
     frames = fill_in_place(FrameDecoder(), data, 1024)
     assert [(f.body, [bytes(b) for b in f.buffers]) for f in frames] == [(b, list(bufs)) for b, bufs in frames_in]
 
@@ -246,7 +242,7 @@ def test_in_place_receive_moves_on_to_the_next_buffer_and_frame():
     chunk=st.integers(1, 3000),
 )
 def test_in_place_and_feed_give_the_same_frames(specs, chunk):
-    data = b"".join(wire(body, bufs) for body, bufs in specs)
+    data = b"".join(frame_bytes(body, bufs) for body, bufs in specs)
     assert fill_in_place(FrameDecoder(), data, chunk) == FrameDecoder().feed(data)
 
 
@@ -272,14 +268,14 @@ def test_body_cap_is_checked_when_the_header_completes_even_bytewise():
 
 def test_body_exactly_at_the_cap_is_accepted():
     decoder = FrameDecoder(FrameLimits(max_body=10))
-    assert decoder.feed(wire(b"x" * 10)) == [Frame(b"x" * 10, ())]
+    assert decoder.feed(frame_bytes(b"x" * 10)) == [Frame(b"x" * 10, ())]
     with pytest.raises(FrameTooLarge):
-        FrameDecoder(FrameLimits(max_body=10)).feed(wire(b"x" * 11))
+        FrameDecoder(FrameLimits(max_body=10)).feed(frame_bytes(b"x" * 11))
 
 
 def test_buffer_count_cap():
     limits = FrameLimits(max_buffers=2)
-    assert len(FrameDecoder(limits).feed(wire(b"", [b"a", b"b"]))[0].buffers) == 2
+    assert len(FrameDecoder(limits).feed(frame_bytes(b"", [b"a", b"b"]))[0].buffers) == 2
     with pytest.raises(FrameTooLarge, match="3 buffers"):
         FrameDecoder(limits).feed(HEADER.pack(0, 3))  # refused before the lengths arrive
 
@@ -308,12 +304,12 @@ def test_total_cap_counts_body_and_all_buffers_before_allocating():
         with pytest.raises(FrameTooLarge):
             FrameDecoder(limits).feed(header)  # 3 MiB of buffers + 1 byte of body > 3 MiB
     assert peak[0] < 2**20
-    ok = FrameDecoder(limits).feed(wire(b"", [b"\0" * 2**20] * 3))
+    ok = FrameDecoder(limits).feed(frame_bytes(b"", [b"\0" * 2**20] * 3))
     assert [len(b) for b in ok[0].buffers] == [2**20] * 3
 
 
 def test_preauth_limits_allow_small_bodies_only():
-    assert FrameDecoder(PREAUTH_LIMITS).feed(wire(b"h" * 4096)) == [Frame(b"h" * 4096, ())]
+    assert FrameDecoder(PREAUTH_LIMITS).feed(frame_bytes(b"h" * 4096)) == [Frame(b"h" * 4096, ())]
     with pytest.raises(FrameTooLarge):
         FrameDecoder(PREAUTH_LIMITS).feed(HEADER.pack(4097, 0))
     with pytest.raises(FrameTooLarge):
@@ -329,9 +325,9 @@ def test_frame_too_large_is_a_protocol_error():
 def test_limits_can_be_raised_after_construction():
     # the connection switches from PREAUTH_LIMITS to the full limits once authenticated
     decoder = FrameDecoder(PREAUTH_LIMITS)
-    assert decoder.feed(wire(b"hello")) == [Frame(b"hello", ())]
+    assert decoder.feed(frame_bytes(b"hello")) == [Frame(b"hello", ())]
     decoder.limits = FrameLimits()
-    assert decoder.feed(wire(b"m", [b"x" * 5000])) == [Frame(b"m", (bytearray(b"x" * 5000),))]
+    assert decoder.feed(frame_bytes(b"m", [b"x" * 5000])) == [Frame(b"m", (bytearray(b"x" * 5000),))]
 
 
 # ------------------------------------------------------------- properties
@@ -346,9 +342,9 @@ frame_specs = st.lists(
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=frame_specs, data=st.data())
 def test_any_split_of_any_frames_decodes_to_the_same_frames(specs, data):
-    stream = b"".join(wire(body, bufs) for body, bufs in specs)
+    stream = b"".join(frame_bytes(body, bufs) for body, bufs in specs)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=30)))
-    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     decoder = FrameDecoder()
     frames: list[Frame] = []
     for chunk in chunks:
@@ -361,7 +357,7 @@ def test_any_split_of_any_frames_decodes_to_the_same_frames(specs, data):
 @settings(max_examples=100, deadline=None)
 @given(body=st.binary(max_size=64), buffers=st.lists(st.binary(max_size=64), max_size=4))
 def test_bytewise_feeding_equals_whole_feeding(body, buffers):
-    data = wire(body, buffers)
+    data = frame_bytes(body, buffers)
     assert feed_bytewise(FrameDecoder(), data) == FrameDecoder().feed(data)
 
 

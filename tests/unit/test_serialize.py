@@ -18,13 +18,13 @@ from jobsched.payload.serialize import (
     load_exception,
     loads,
 )
-from jobsched.protocol import FrameDecoder, encode_frame
+from jobsched.protocol import FrameDecoder
+from support import frame_bytes
 
 
 def over_the_wire(frames: list) -> tuple:
     """Frames as the receiving side gets them: through encode_frame and FrameDecoder."""
-    data = b"".join(bytes(p) for p in encode_frame(b"", frames))
-    (frame,) = FrameDecoder().feed(data)
+    (frame,) = FrameDecoder().feed(frame_bytes(b"", frames))
     return frame.buffers
 
 

@@ -17,14 +17,23 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import psutil
 import pytest
-from conftest import daemon_env, wait_for_workers, wait_until
 from joblib import Parallel, delayed, parallel_config
 from jobsched.client import client as client_module
 from jobsched.payload import shm
-from test_scatter import MB, dashboard_of, expected_sums, lo_bytes, shm_segments, slice_sum
+from support import (
+    MB,
+    daemon_env,
+    dashboard_of,
+    expected_sums,
+    lo_bytes,
+    shm_segments,
+    start_cluster,
+    wait_for_workers,
+    wait_until,
+)
+from tasks import slice_sum
 
 import jobsched
 
@@ -38,25 +47,19 @@ def slow_sum(X, i: int, n: int) -> float:
     return slice_sum(X, i, n)
 
 
-@pytest.fixture(scope="module")
-def big() -> np.ndarray:
-    return np.arange(25_000_000, dtype=np.float64)  # 200 MB; slice sums are exact
-
-
 @pytest.fixture
 def remote_client(monkeypatch):
     """This process acts as a client on another machine: it shares no memory with the workers."""
     monkeypatch.setattr(shm, "_domain", "")
 
 
-def start_supervised(daemons, tmp_path, nworkers: int = 2):
+def start_supervised(daemons, nworkers: int = 2):
     """A scheduler and one worker daemon running ``nworkers`` processes; a Client."""
     sched = daemons.scheduler("--dashboard-address", "127.0.0.1:0")
     supervisor = daemons.worker(sched.address, "--nworkers", str(nworkers), name="box")
     client = jobsched.Client(sched.address, timeout=10)
     wait_for_workers(client, [f"box-{i}" for i in range(nworkers)])
-    status = dashboard_of(sched.address, tmp_path)
-    return client, supervisor, status
+    return client, supervisor, dashboard_of(sched)
 
 
 def worker_processes(client: jobsched.Client) -> dict[str, psutil.Process]:
@@ -74,8 +77,8 @@ def segment_creators(client: jobsched.Client) -> list[psutil.Process]:
 
 
 @pytest.mark.timeout(300)
-def test_sibling_processes_map_the_copy_the_first_one_received(daemons, tmp_path, big, remote_client):
-    client, _, status = start_supervised(daemons, tmp_path)
+def test_sibling_processes_map_the_copy_the_first_one_received(daemons, big, remote_client):
+    client, _, status = start_supervised(daemons)
     try:
         procs = worker_processes(client)
         private_before = {name: p.memory_info().rss - p.memory_info().shared for name, p in procs.items()}
@@ -106,7 +109,7 @@ def test_sibling_processes_map_the_copy_the_first_one_received(daemons, tmp_path
 
 
 @pytest.mark.timeout(300)
-def test_a_segment_that_cannot_be_mapped_falls_back_to_bytes(daemons, tmp_path, big, monkeypatch):
+def test_a_segment_that_cannot_be_mapped_falls_back_to_bytes(daemons, big, monkeypatch):
     """The client's segment vanishes before the workers map it: they get the bytes instead."""
 
     class VanishingSegment(shm.SharedSegment):
@@ -115,25 +118,22 @@ def test_a_segment_that_cannot_be_mapped_falls_back_to_bytes(daemons, tmp_path, 
             self.unlink()
 
     monkeypatch.setattr(client_module, "SharedSegment", VanishingSegment)
-    sched = daemons.scheduler("--dashboard-address", "127.0.0.1:0")
-    workers = [daemons.worker(sched.address, name=f"w{i}") for i in range(2)]
-    client = jobsched.Client(sched.address, timeout=10)
+    cluster = start_cluster(daemons, scheduler_args=("--dashboard-address", "127.0.0.1:0"))
     try:
-        wait_for_workers(client, [w.name for w in workers])
-        status = dashboard_of(sched.address, tmp_path)
+        status = dashboard_of(cluster.scheduler)
         before = status.bytes_moved()
-        with parallel_config(backend="cluster", scheduler=client):
+        with parallel_config(backend="cluster", scheduler=cluster.client):
             results = Parallel(n_jobs=-1, batch_size=1)(delayed(slice_sum)(big, i, 16) for i in range(16))
         assert results == expected_sums(big, 16)
         assert status.bytes_moved() - before >= 2 * big.nbytes, "the bytes should have gone through the scheduler"
-        assert "asking for a copy" in "".join(w.log() for w in workers)
+        assert "asking for a copy" in "".join(w.log() for w in cluster.workers)
     finally:
-        client.close()
+        cluster.client.close()
 
 
 @pytest.mark.timeout(300)
-def test_killing_the_process_that_created_the_segment_mid_call(daemons, tmp_path, big, remote_client):
-    client, supervisor, _ = start_supervised(daemons, tmp_path)
+def test_killing_the_process_that_created_the_segment_mid_call(daemons, big, remote_client):
+    client, supervisor, _ = start_supervised(daemons)
     try:
         expected = expected_sums(big, 48)
         with parallel_config(backend="cluster", scheduler=client):

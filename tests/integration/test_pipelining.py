@@ -2,7 +2,8 @@
 joblib's ``2 * n_jobs`` (the backend's ``pre_dispatch``), so short batches wait on the
 cluster instead of for a round trip; auto-batched calls and an explicit ``pre_dispatch``
 keep joblib's depth.  Real daemons: the depth is read from the scheduler's count of
-batches it holds (queued or running) while the call runs."""
+batches it holds (queued or running) while the call runs.  A bad ``pre_dispatch`` is
+refused in unit/test_backend_options.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import time
 
 import pytest
 import tasks
-from conftest import RunningCluster, start_cluster
 from joblib import Parallel, delayed, parallel_config
+from support import RunningCluster, start_cluster
 
 SLOTS = 2  # the cluster fixture: two workers of one thread
 
@@ -93,13 +94,6 @@ def test_deep_pipelines_lose_duplicate_and_reorder_nothing(cluster: RunningClust
         out = list(Parallel(n_jobs=-1, batch_size=1, return_as=return_as)(delayed(tasks.square)(i) for i in range(n)))
     expected = [i * i for i in range(n)]
     assert (sorted(out) if return_as == "generator_unordered" else out) == expected
-
-
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("bad", [0, -3, True, "bad", "n_jobs - n_jobs", "import os", None])
-def test_a_bad_pre_dispatch_is_refused_when_the_config_is_made(bad):
-    with pytest.raises(ValueError, match="pre_dispatch"):
-        parallel_config(backend="cluster", pre_dispatch=bad)
 
 
 @pytest.mark.timeout(60)

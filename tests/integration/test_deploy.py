@@ -42,6 +42,7 @@ from jobsched.runtime.secret import load_secret
 from jobsched.scheduler import cli as scheduler_cli
 from jobsched.worker import cli as worker_cli
 from jobsched.worker.memory import parse_memory_limit
+from support import BIN_DIR
 
 import jobsched
 
@@ -52,7 +53,7 @@ else:  # pragma: no cover - Python 3.10
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 SCHEDULER_UNIT = SYSTEMD / "jobsched-scheduler.service"
@@ -63,7 +64,6 @@ SBATCH = DEPLOY / "slurm" / "jobsched.sbatch"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "docker" / "Dockerfile.dockerignore"
 COMPOSE = DEPLOY / "docker" / "compose.yaml"
-BIN_DIR = Path(sys.executable).parent
 UNIT_VENV_BIN = "/opt/jobsched/venv/bin/"
 CLIS = {"jobsched-scheduler": (scheduler_cli, "scheduler"), "jobsched-worker": (worker_cli, "worker")}
 INSTANCES = ("1", "gpu")  # template instances: an index and a name
@@ -444,7 +444,7 @@ def sbatch_commands() -> list[tuple[int, list[str]]]:
         if line.startswith("#") or not re.search(r"(^|\s)jobsched-(scheduler|worker)\s", line + " "):
             continue
 
-        def sample(match: re.Match) -> str:
+        def sample(match: re.Match, start: int = start) -> str:
             name = match.group(1) or match.group(2)
             assert name in SBATCH_SAMPLES, f"jobsched.sbatch:{start}: no sample value for ${name}"
             return SBATCH_SAMPLES[name]

@@ -3,7 +3,8 @@
 Workers register with a ``share_domain`` (one machine, /dev/shm and user); the
 directory remembers one segment per key and domain and hands its name to the
 workers of that domain, peers or uploads to the others.  Every step is
-followed by ``validate()`` (SchedulerState's, which includes DataDirectory's).
+followed by ``validate()`` (SchedulerState's, which includes DataDirectory's:
+``support.SchedulerSim``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,8 @@ import pytest
 from jobsched.payload.shm import MAX_FRAMES
 from jobsched.protocol import messages as m
 from jobsched.scheduler.data import DataDirectory, Segment
-from jobsched.scheduler.state import (
-    MessageReceived,
-    PeerConnected,
-    PeerDisconnected,
-    SchedulerConfig,
-    SchedulerState,
-    Send,
-)
+from jobsched.scheduler.state import Send
+from support import SchedulerSim
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,41 +24,19 @@ S = "jobsched-1234-" + "a" * 32  # a segment the client wrote
 W = "jobsched-1235-" + "b" * 32  # a segment a worker wrote
 SIZES = [120, 4096]
 FRAMES = (b"pickled X", b"\x00" * 16)
-HB = 1.0
 
 
 def addr(conn: int) -> str:
     return f"tcp://10.0.1.{conn}:9000"
 
 
-class Sim:
-    def __init__(self) -> None:
-        self.state = SchedulerState(SchedulerConfig())
-        self.state.validate()
+class Sim(SchedulerSim):
+    """``support.SchedulerSim`` with workers on machines (share domains) and the record of key X."""
 
-    def __call__(self, event) -> list:
-        out = self.state.handle(event)
-        self.state.validate()
-        self.state.data.validate()
-        return out
-
-    def msg(self, conn: int, message: m.Message) -> list:
-        return self(MessageReceived(conn, message))
-
-    def client(self, conn: int) -> None:
-        assert self(PeerConnected(conn, f"tcp://10.0.0.{conn}:40000")) == []
-        assert self.msg(conn, m.RegisterClient("laptop", 1000 + conn, "laptop.lab")) == [
-            Send(conn, m.Welcome(f"client-{conn}", HB))
-        ]
-
-    def worker(self, conn: int, domain: str, data_address: str | None = None) -> None:
+    def join(self, conn: int, domain: str, data_address: str | None = None) -> None:
+        """Worker ``w<conn>`` joins from ``domain``, serving its data at ``addr(conn)`` by default."""
         address = addr(conn) if data_address is None else data_address
-        assert self(PeerConnected(conn, f"tcp://10.0.1.{conn}:41000")) == []
-        out = self.msg(conn, m.RegisterWorker(f"w{conn}", 1, 2000 + conn, f"node{conn}", 2**30, address, domain))
-        assert out == [Send(conn, m.Welcome(f"w{conn}", HB))]
-
-    def leave(self, conn: int) -> list:
-        return self(PeerDisconnected(conn, "gone"))
+        assert self.worker(conn, f"w{conn}", data_address=address, share_domain=domain) == []
 
     @property
     def record(self):
@@ -74,11 +47,11 @@ def cluster() -> Sim:
     """Client 1 on D1; workers 2, 3 on D1; 4, 6 on D2; 5 without shared memory."""
     sim = Sim()
     sim.client(1)
-    sim.worker(2, D1)
-    sim.worker(3, D1)
-    sim.worker(4, D2)
-    sim.worker(5, "")
-    sim.worker(6, D2)
+    sim.join(2, D1)
+    sim.join(3, D1)
+    sim.join(4, D2)
+    sim.join(5, "")
+    sim.join(6, D2)
     assert sim.msg(1, m.DataRegister("X", 5000)) == []
     return sim
 
@@ -136,7 +109,7 @@ def test_client_segment_goes_to_every_waiting_worker_of_its_domain_at_once():
     assert sim.msg(3, m.DataStored("X", 5000)) == []
     assert sim.record.waiting == {}
     # a worker of D1 joining later maps the segment directly; one of D2 gets peers
-    sim.worker(7, D1)
+    sim.join(7, D1)
     assert sim.msg(7, m.NeedData("X")) == [Send(7, m.StoreData("X", S, SIZES))]
     assert sim.msg(6, m.NeedData("X")) == [Send(6, m.DataSources("X", [addr(2), addr(3)], True))]
 
@@ -225,12 +198,12 @@ def test_worker_segment_serves_later_workers_of_its_domain_and_peers_serve_the_o
     sim = worker_segment_cluster()
     assert sim.msg(3, m.DataStored("X", 5000)) == []
     assert sim.record.segments == {D1: Segment(2, W, SIZES)}  # 3 mapped it; it created nothing
-    sim.worker(7, D1)
+    sim.join(7, D1)
     assert sim.msg(7, m.NeedData("X")) == [Send(7, m.StoreData("X", W, SIZES))]
     assert sim.msg(6, m.NeedData("X")) == [Send(6, m.DataSources("X", [addr(2), addr(3)], True))]
     assert sim.msg(5, m.NeedData("X")) == [Send(5, m.DataSources("X", [addr(2), addr(3)], False))]
     # a worker of D1 that could not map it is pointed at peers, with no share
-    sim.worker(8, D1)
+    sim.join(8, D1)
     assert sim.msg(8, m.NeedData("X", shared=False)) == [Send(8, m.DataSources("X", [addr(2), addr(3)], False))]
 
 
@@ -248,22 +221,22 @@ def test_worker_segment_of_another_domain_does_not_replace_or_leak():
 def test_share_flag_only_when_another_worker_of_the_domain_is_connected():
     sim = Sim()
     sim.client(1)
-    sim.worker(2, D1)
-    sim.worker(4, D2)
-    sim.worker(5, "")
+    sim.join(2, D1)
+    sim.join(4, D2)
+    sim.join(5, "")
     sim.msg(1, m.DataRegister("X", 10))
     assert sim.msg(2, m.NeedData("X")) == [Send(1, m.UploadRequest("X", D1))]
     assert sim.msg(1, m.DataUpload("X", frames=FRAMES)) == [Send(2, m.StoreData("X", "", [], False, FRAMES))]
     assert sim.msg(2, m.DataStored("X", 10)) == []
     assert sim.msg(4, m.NeedData("X")) == [Send(4, m.DataSources("X", [addr(2)], False))]
-    sim.worker(6, D2)  # now D2 has two workers
+    sim.join(6, D2)  # now D2 has two workers
     assert sim.msg(6, m.NeedData("X")) == [Send(6, m.DataSources("X", [addr(2)], True))]
     assert sim.msg(6, m.NeedData("X", shared=False)) == [Send(6, m.DataSources("X", [addr(2)], False))]
     assert sim.msg(5, m.NeedData("X")) == [Send(5, m.DataSources("X", [addr(2)], False))]
     sim.leave(4)  # D2 is down to one again
     assert sim.msg(6, m.NeedData("X")) == [Send(6, m.DataSources("X", [addr(2)], False))]
     # two workers without shared memory are not a domain
-    sim.worker(7, "")
+    sim.join(7, "")
     assert sim.msg(7, m.NeedData("X")) == [Send(7, m.DataSources("X", [addr(2)], False))]
 
 
@@ -273,7 +246,7 @@ def test_creator_leaving_drops_its_segment_and_peers_serve_its_domain():
     sim.msg(4, m.DataStored("X", 5000))
     assert sim.leave(2) == []
     assert sim.record.segments == {}
-    sim.worker(7, D1)
+    sim.join(7, D1)
     # not the dead segment: a peer that still holds (maps) it, and 7 should share its copy
     assert sim.msg(7, m.NeedData("X")) == [Send(7, m.DataSources("X", [addr(3), addr(4)], True))]
 
@@ -284,7 +257,7 @@ def test_creator_leaving_with_no_holder_left_leads_to_an_upload():
     sim.leave(4)  # it was fetching from 2; gone too
     assert sim.leave(2) == []
     assert sim.record.segments == {} and sim.record.holders == {}
-    sim.worker(7, D1)
+    sim.join(7, D1)
     assert sim.msg(7, m.NeedData("X")) == [Send(1, m.UploadRequest("X", D1))]
 
 
@@ -293,7 +266,7 @@ def test_a_non_creator_leaving_keeps_the_segment():
     sim.msg(3, m.DataStored("X", 5000))
     assert sim.leave(3) == []
     assert sim.record.segments == {D1: Segment(2, W, SIZES)}
-    sim.worker(7, D1)
+    sim.join(7, D1)
     assert sim.msg(7, m.NeedData("X")) == [Send(7, m.StoreData("X", W, SIZES))]
 
 
@@ -407,7 +380,7 @@ def test_data_stored_with_an_invalid_segment_is_ignored(segment, sizes):
     assert sim.msg(2, m.DataStored("X", 5000, segment, sizes)) == [Send(3, m.DataSources("X", [addr(2)], True))]
     assert sim.record.segments == {}
     assert sim.record.holders == {2: None}
-    sim.worker(7, D1)
+    sim.join(7, D1)
     assert sim.msg(7, m.NeedData("X")) == [Send(7, m.DataSources("X", [addr(2)], True))]
 
 

@@ -1,19 +1,14 @@
-"""protocol/shm.py on its own: segment layout, creation, mapping, refusal of bad references,
-cleanup by unlink and by the resource tracker when the creator is killed."""
+"""payload/shm.py on its own, in this process: segment layout, creation, mapping, refusal of
+bad references, cleanup by unlink (other processes, and the resource tracker when the creator
+is killed, are in integration/test_shm_processes.py)."""
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
-import subprocess
-import sys
-import textwrap
 import threading
-import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,10 +25,10 @@ from jobsched.payload.shm import (
     attach,
     layout,
     share_domain,
-    sweep_stale_segments,
     valid_reference,
     worth_sharing,
 )
+from support import shm_path
 
 pytestmark = [
     pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason=f"no {SHM_DIR} here"),
@@ -43,10 +38,6 @@ pytestmark = [
 
 def fresh_name() -> str:
     return f"jobsched-{os.getpid()}-{uuid.uuid4().hex}"
-
-
-def shm_path(name: str) -> str:
-    return os.path.join(SHM_DIR, name)
 
 
 @pytest.fixture
@@ -104,7 +95,7 @@ def test_layout_offsets_are_aligned_and_frames_fit_without_overlap(sizes):
     if sum(rounded):
         assert total % ALIGNMENT == 0
     position = 0
-    for offset, size in zip(offsets, sizes):
+    for offset, size in zip(offsets, sizes, strict=True):
         assert offset % ALIGNMENT == 0
         assert offset == position  # packed: no gap beyond the alignment padding
         assert offset + size <= total
@@ -390,83 +381,3 @@ def test_share_domain_is_set_when_enabled(monkeypatch, value):
     monkeypatch.setattr(shm, "_domain", None)
     monkeypatch.setenv("JOBSCHED_SHARED_MEMORY", value)
     assert len(share_domain()) == 32
-
-
-def test_share_domain_is_the_same_in_another_process_of_this_user(monkeypatch):
-    monkeypatch.setattr(shm, "_domain", None)
-    monkeypatch.delenv("JOBSCHED_SHARED_MEMORY", raising=False)
-    env = {k: v for k, v in os.environ.items() if k != "JOBSCHED_SHARED_MEMORY"}
-    out = subprocess.run(
-        [sys.executable, "-c", "from jobsched.payload.shm import share_domain; print(share_domain())"],
-        capture_output=True, text=True, timeout=30, env=env, check=True,
-    )
-    assert out.stdout.strip() == share_domain() != ""
-
-
-# ------------------------------------------------------------------ creator killed
-
-
-CREATOR = textwrap.dedent(
-    """
-    import time
-    from jobsched.payload.shm import SharedSegment
-    segment = SharedSegment([b"x" * 4096, b"y" * 10])
-    print(segment.name, flush=True)
-    time.sleep(120)
-    """
-)
-
-
-@pytest.mark.timeout(60)
-def test_resource_tracker_unlinks_the_segment_of_a_killed_creator(tmp_path):
-    stderr = open(tmp_path / "stderr", "wb")  # a file: the creator's tracker outlives it and keeps it open
-    proc = subprocess.Popen([sys.executable, "-c", CREATOR], stdout=subprocess.PIPE, stderr=stderr)
-    name = ""
-    try:
-        name = proc.stdout.readline().decode().strip()
-        assert is_segment_name(name), (name, (tmp_path / "stderr").read_text())
-        path = shm_path(name)
-        assert os.path.exists(path)
-        assert len(attach(name, [4096, 10])[0]) == 4096
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=10) == -signal.SIGKILL
-        deadline = time.monotonic() + 10
-        while os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not os.path.exists(path), "the resource tracker did not unlink the killed creator's segment"
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        proc.stdout.close()
-        stderr.close()
-        if is_segment_name(name):
-            try:
-                os.unlink(shm_path(name))
-            except FileNotFoundError:
-                pass
-
-
-def is_segment_name(name: str) -> bool:
-    return bool(shm.NAME_PATTERN.fullmatch(name))
-
-
-@pytest.mark.timeout(60)
-def test_sweep_removes_segments_of_exited_creators_only(tmp_path):
-    """A creator killed together with its resource tracker leaves its segment: the sweep
-    that runs when a worker starts removes it, and leaves live processes' segments alone."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead_pid = int(dead.stdout)
-    stale = Path(SHM_DIR) / f"jobsched-{dead_pid}-{uuid.uuid4().hex}"
-    live = Path(SHM_DIR) / f"jobsched-{os.getpid()}-{uuid.uuid4().hex}"
-    unrelated = Path(SHM_DIR) / f"jobsched-other-{uuid.uuid4().hex}"
-    try:
-        for path in (stale, live, unrelated):
-            path.write_bytes(b"x")
-        assert sweep_stale_segments() >= 1
-        assert not stale.exists()
-        assert live.exists() and unrelated.exists()
-    finally:
-        for path in (stale, live, unrelated):
-            path.unlink(missing_ok=True)
