@@ -193,6 +193,7 @@ class AcceptorHandshake:
                 self._stage = "failed"
                 raise self.failure
             if self.secret is not None:
+                assert self.peer_role is not None  # set with the hello, before the proof stage
                 expected = _mac(self.secret, b"initiator", self.version, self.peer_role, self._nonce_i, self._nonce)
                 if not hmac.compare_digest(expected, mac_i):
                     return self._refuse_verdict(
