@@ -336,7 +336,7 @@ class Client:
                 error = SchedulerUnreachableError(message.error)
             else:
                 error = ClusterError(message.error or f"batch failed with status {status!r}")
-        except Exception as exc:  # e.g. the result's class cannot be unpickled here
+        except Exception as exc:  # noqa: BLE001 - any failure to load the result is the batch's error (e.g. its class cannot be unpickled here)
             error = exc
         future.set_exception(error)
 

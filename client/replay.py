@@ -23,7 +23,7 @@ def _warning_category(module: str, qualname: str) -> type[Warning]:
         obj = importlib.import_module(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
-    except Exception:
+    except Exception:  # noqa: BLE001 - importing a worker's module may fail any way: fall back to UserWarning
         return UserWarning
     return obj if isinstance(obj, type) and issubclass(obj, Warning) else UserWarning
 

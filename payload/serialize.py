@@ -103,7 +103,7 @@ def _roundtrips(obj: Any) -> bytes | None:
         blob = cloudpickle.dumps(obj, protocol=5)
         pickle.loads(blob)
         return blob
-    except Exception:
+    except Exception:  # noqa: BLE001 - user objects may fail to pickle or unpickle any way: then not picklable
         return None
 
 
@@ -136,7 +136,7 @@ def load_exception(frames: Sequence[Buffer]) -> BaseException:
     if record.get("exception") is not None:
         try:
             exc = pickle.loads(record["exception"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - a user exception may fail to unpickle any way: rebuilt from text below
             exc = None
     if not isinstance(exc, BaseException):
         exc = RemoteError(record["type"], record["message"], record["traceback"])

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from .errors import HandshakeError, ProtocolError, TLSError
-from .framing import PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, encode_frame
+from .framing import DEFAULT_LIMITS, PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, encode_frame
 from .handshake import AcceptorHandshake, InitiatorHandshake, Role
 from .messages import PROTOCOL_VERSION, Message, decode, encode
 
@@ -257,7 +257,7 @@ async def open_connection(
     *,
     ssl: ssl_module.SSLContext | None = None,
     timeout: float = HANDSHAKE_TIMEOUT,
-    limits: FrameLimits = FrameLimits(),
+    limits: FrameLimits = DEFAULT_LIMITS,
     peer_name: str = "scheduler",
 ) -> Connection:
     """Connect and complete the handshake; raises HandshakeError or OSError naming the cause."""
@@ -284,7 +284,9 @@ async def open_connection(
             if ssl is not None
             else "it may expect tls:// instead of tcp://, not be a jobsched daemon, or be refusing new connections"
         )
-        raise ConnectionError(f"the {peer_name} at {host}:{port} closed the connection during the handshake ({exc}); {hint}") from None
+        raise ConnectionError(
+            f"the {peer_name} at {host}:{port} closed the connection during the handshake ({exc}); {hint}"
+        ) from None
 
 
 async def start_server(
@@ -295,9 +297,9 @@ async def start_server(
     on_connection: Callable[[Connection], None],
     *,
     ssl: ssl_module.SSLContext | None = None,
-    limits: FrameLimits = FrameLimits(),
+    limits: FrameLimits = DEFAULT_LIMITS,
     max_unauthenticated: int = 256,
-) -> asyncio.AbstractServer:
+) -> asyncio.Server:
     """Listen; each connection that completes the handshake is passed to ``on_connection``."""
     loop = asyncio.get_running_loop()
     pending: set[Connection] = set()

@@ -16,13 +16,12 @@ import mmap
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from .errors import FrameTooLarge
 
 # what a frame carries: received buffers are bytearrays or, when large, anonymous memory maps
-Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
-ReceivedBuffer = Union[bytearray, mmap.mmap]
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+ReceivedBuffer = bytearray | mmap.mmap
 
 _HEADER = struct.Struct("!IH")
 _LENGTH = struct.Struct("!Q")
@@ -38,6 +37,7 @@ class FrameLimits:
     max_total: int = 16 * 2**30
 
 
+DEFAULT_LIMITS = FrameLimits()
 PREAUTH_LIMITS = FrameLimits(max_body=4096, max_buffers=0, max_buffer=0, max_total=4096)
 
 

@@ -134,7 +134,7 @@ def decode(frame: Frame) -> Message:
     """Decode and validate one frame; raises MalformedMessage on anything unexpected."""
     try:
         items = msgpack.unpackb(frame.body, raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise MalformedMessage(f"undecodable msgpack body: {exc}") from None
     if type(items) is not list or not items or type(items[0]) is not str:
         raise MalformedMessage("message body is not [op, ...]")
@@ -145,7 +145,7 @@ def decode(frame: Frame) -> Message:
     if len(items) != len(fields) + 1:
         raise MalformedMessage(f"{cls.op}: expected {len(fields)} fields, got {len(items) - 1}")
     del items[0]
-    for (name, check), exact, value in zip(fields, _EXACT[cls], items):
+    for (name, check), exact, value in zip(fields, _EXACT[cls], items, strict=True):
         if type(value) is not exact and not check(value):
             raise MalformedMessage(f"{cls.op}: field {name!r} has invalid type {type(value).__name__}")
     frames_at = _FRAMES_AT.get(cls)

@@ -105,7 +105,9 @@ class DataDirectory:
         if record.uploading_to is None:
             self._request_upload(record, send)
 
-    def stored(self, worker: ConnId, key: str, nbytes: int, send: Sender, segment: str = "", sizes: list[int] | None = None) -> None:
+    def stored(
+        self, worker: ConnId, key: str, nbytes: int, send: Sender, segment: str = "", sizes: list[int] | None = None
+    ) -> None:
         record = self.records.get(key)
         if record is None:
             send(worker, m.DeleteData([key]))  # released while it travelled

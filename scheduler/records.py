@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from ..protocol import messages as m
 
@@ -39,7 +39,7 @@ class Ticked:
     now: float
 
 
-Event = Union[PeerConnected, MessageReceived, PeerDisconnected, Ticked]
+Event = PeerConnected | MessageReceived | PeerDisconnected | Ticked
 
 
 # ----------------------------------------------------------------- commands
@@ -55,7 +55,7 @@ class Close:
     reason: str
 
 
-Command = Union[Send, Close]
+Command = Send | Close
 
 
 # ------------------------------------------------------------------ records

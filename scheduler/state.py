@@ -61,8 +61,11 @@ class SchedulerConfig:
     prefetch: bool = False
 
 
+DEFAULT_CONFIG = SchedulerConfig()
+
+
 class SchedulerState:
-    def __init__(self, config: SchedulerConfig = SchedulerConfig()) -> None:
+    def __init__(self, config: SchedulerConfig = DEFAULT_CONFIG) -> None:
         self.config = config
         self.now = 0.0
         self.addresses: dict[ConnId, str] = {}
