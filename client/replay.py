@@ -47,7 +47,7 @@ def replay(events: Iterable[tuple]) -> None:
             _, name, levelno, message, pathname, lineno, func_name = event
             logger = logging.getLogger(name)
             if logger.isEnabledFor(levelno):
-                record = logger.makeRecord(name, levelno, pathname, lineno, message, None, None, func_name)
+                record = logger.makeRecord(name, levelno, pathname, lineno, message, (), None, func_name)
                 logger.handle(record)
 
 

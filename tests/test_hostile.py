@@ -37,6 +37,9 @@ import pytest
 import tasks
 from conftest import wait_for_workers
 from joblib import Parallel, delayed, parallel_config
+
+import jobsched
+from jobsched.payload.context import CallContext
 from jobsched.payload.serialize import dumps, loads
 from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, FrameTooLarge, InitiatorHandshake, Role, encode_frame
 from jobsched.protocol import handshake as hs
@@ -44,8 +47,6 @@ from jobsched.protocol import messages as m
 from jobsched.protocol.address import parse_address
 from jobsched.protocol.aio import HANDSHAKE_TIMEOUT
 from jobsched.protocol.messages import PROTOCOL_VERSION
-
-import jobsched
 
 SECRET = "hostile-test-" + os.urandom(16).hex()
 HOST = "127.0.0.1"
@@ -1124,7 +1125,7 @@ def test_reusing_a_cancelled_call_id_does_not_break_the_scheduler(daemons):
         try:
             sock.sendall(message(m.RegisterClient("reuser", os.getpid(), "h")))
             assert type(_read_message(sock, decoder)) is m.Welcome
-            no_context = pickle.dumps({})  # a batch is (function, the call's context pickled)
+            no_context = pickle.dumps(CallContext())  # a batch is (function, the call's context pickled)
             slow = tuple(dumps((functools.partial(time.sleep, 1.0), no_context)))
             sock.sendall(message(m.SubmitBatch(1, 7, "sleep", 0, slow)))
             deadline = time.monotonic() + 10
