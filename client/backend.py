@@ -16,6 +16,7 @@ from joblib import register_parallel_backend
 from joblib._parallel_backends import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, ThreadingBackend
 from joblib._utils import eval_expr
 
+from ..payload.context import CallContext
 from ..payload.serialize import dumps
 from .client import Client, current_client
 from .errors import NoWorkersError
@@ -111,12 +112,10 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self.wait_for_workers_timeout = wait_for_workers_timeout
         if forward_logging is True:
             forward_logging = logging.WARNING
-        self.capture = {
-            "output": bool(capture_output),
-            "warnings": bool(capture_warnings),
-            "log_level": None if forward_logging is False or forward_logging is None else int(forward_logging),
-            "output_cap": int(output_cap),
-        }
+        self.capture_output = bool(capture_output)
+        self.capture_warnings = bool(capture_warnings)
+        self.log_level = None if forward_logging is False or forward_logging is None else int(forward_logging)
+        self.output_cap = int(output_cap)
         self._parallels: list[Any] = []
         self.client: Client | None = None
         self.auto_scatter_threshold = int(auto_scatter_threshold or 0)
@@ -181,13 +180,13 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         if self.progress:
             self._progress = CallProgress(self.client)
 
-    def _call_context(self) -> dict:
+    def _call_context(self) -> CallContext:
         """What the worker needs to run a task as if locally (see worker/executor.py)."""
-        context: dict = {"capture": self.capture, "inner_max_num_threads": self.inner_max_num_threads}
         sklearn = sys.modules.get("sklearn")
-        if sklearn is not None and hasattr(sklearn, "get_config"):
-            context["sklearn_config"] = sklearn.get_config()
-        return context
+        return CallContext(
+            self.capture_output, self.capture_warnings, self.log_level, self.output_cap, self.inner_max_num_threads,
+            sklearn.get_config() if sklearn is not None and hasattr(sklearn, "get_config") else None,
+        )
 
     def submit(self, func: Callable, callback: Callable | None = None) -> Future:
         assert self.client is not None

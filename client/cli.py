@@ -71,7 +71,7 @@ def format_status(info: dict) -> str:
             f"{worker.get('data_keys', 0)} keys, {_human_bytes(worker.get('data_bytes', 0))}", str(worker.get("completed", 0)),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.append("")
     lines.append(
         f"scheduler {info['address']}: {len(info['workers'])} workers, {info.get('running', 0)}/{info.get('slots', 0)} "

@@ -88,13 +88,12 @@ class Client:
         if address is None and scheduler_file is not None:
             address = read_scheduler_file(scheduler_file)
         if address is None:
-            self.cluster = LocalCluster(n_workers, threads_per_worker)
+            address = LocalCluster(n_workers, threads_per_worker)
             self._owns_cluster = True
-        elif isinstance(address, LocalCluster):
+        if isinstance(address, LocalCluster):
             self.cluster = address
-        if self.cluster is not None:
             address, secret = self.cluster.address, self.cluster.secret
-        self.address = parse_address(address)  # type: ignore[arg-type]
+        self.address = parse_address(address)
         tls = TLSConfig(tls_cert, tls_key, tls_ca_file)
         self._ssl = client_context(tls) if self.address.scheme == "tls" else None
         self.secret = load_secret(secret_file, secret)
@@ -148,24 +147,24 @@ class Client:
         welcomed = self._loop.create_future()
 
         def on_message(_c: Connection, message: m.Message) -> None:
-            kind = type(message)
-            if kind is m.BatchDone:
-                self._deliver(message)  # type: ignore[arg-type]
-            elif kind is m.InfoReply:
-                request = self._requests.pop(message.request_id, None)  # type: ignore[attr-defined]
-                if request is not None:
-                    request.set_result(message.info)  # type: ignore[attr-defined]
-            elif kind is m.UploadRequest:
-                upload = self._loop.create_task(self._upload(conn, message))  # type: ignore[arg-type]
-                self._uploads.add(upload)  # the loop keeps only a weak reference to a task
-                upload.add_done_callback(self._uploads.discard)
-            elif kind is m.Welcome:
-                if not welcomed.done():
-                    welcomed.set_result(message)
-            elif kind is m.Closing:
-                conn.close(message.reason)  # type: ignore[attr-defined]
-            else:
-                conn.abort(f"unexpected {message.op!r} from the scheduler")
+            match message:  # the most frequent first
+                case m.BatchDone():
+                    self._deliver(message)
+                case m.InfoReply():
+                    request = self._requests.pop(message.request_id, None)
+                    if request is not None:
+                        request.set_result(message.info)
+                case m.UploadRequest():
+                    upload = self._loop.create_task(self._upload(conn, message))
+                    self._uploads.add(upload)  # the loop keeps only a weak reference to a task
+                    upload.add_done_callback(self._uploads.discard)
+                case m.Welcome():
+                    if not welcomed.done():
+                        welcomed.set_result(message)
+                case m.Closing():
+                    conn.close(message.reason)
+                case _:
+                    conn.abort(f"unexpected {message.op!r} from the scheduler")
 
         def on_close(_c: Connection, reason: str) -> None:
             if not welcomed.done():
@@ -336,7 +335,7 @@ class Client:
                 error = SchedulerUnreachableError(message.error)
             else:
                 error = ClusterError(message.error or f"batch failed with status {status!r}")
-        except Exception as exc:  # e.g. the result's class cannot be unpickled here
+        except Exception as exc:  # noqa: BLE001 - any failure to load the result is the batch's error (e.g. its class cannot be unpickled here)
             error = exc
         future.set_exception(error)
 

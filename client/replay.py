@@ -23,7 +23,7 @@ def _warning_category(module: str, qualname: str) -> type[Warning]:
         obj = importlib.import_module(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
-    except Exception:
+    except Exception:  # noqa: BLE001 - importing a worker's module may fail any way: fall back to UserWarning
         return UserWarning
     return obj if isinstance(obj, type) and issubclass(obj, Warning) else UserWarning
 
@@ -47,7 +47,7 @@ def replay(events: Iterable[tuple]) -> None:
             _, name, levelno, message, pathname, lineno, func_name = event
             logger = logging.getLogger(name)
             if logger.isEnabledFor(levelno):
-                record = logger.makeRecord(name, levelno, pathname, lineno, message, None, None, func_name)
+                record = logger.makeRecord(name, levelno, pathname, lineno, message, (), None, func_name)
                 logger.handle(record)
 
 

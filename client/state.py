@@ -38,7 +38,7 @@ class BatchRecord:
     call_id: int
     func_name: str
     max_running: int
-    frames: tuple[object, ...]
+    frames: m.Frames
     keys: tuple[str, ...] = ()
 
     def submission(self) -> m.SubmitBatch:

@@ -29,7 +29,7 @@ OUT_OF_BAND_MIN = 64 * 1024
 OUT_OF_BAND_MAX = 512  # well under FrameLimits.max_buffers, leaving room for a message's own frames
 
 
-def out_of_band_collector(buffers: list, minimum: int = OUT_OF_BAND_MIN) -> Callable[[pickle.PickleBuffer], bool]:
+def out_of_band_collector(buffers: list[Buffer], minimum: int = OUT_OF_BAND_MIN) -> Callable[[pickle.PickleBuffer], bool]:
     """A pickle ``buffer_callback`` that moves buffers of ``minimum`` bytes or more to
     ``buffers``, up to ``OUT_OF_BAND_MAX`` of them (a frame's buffer count is capped)."""
 
@@ -76,7 +76,7 @@ class RemoteError(JobschedError):
         self.message = message
         self.remote_traceback = remote_traceback
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
         return (RemoteError, (self.type_name, self.message, self.remote_traceback))
 
 
@@ -91,7 +91,7 @@ class RemoteTraceback(Exception):
         return "\n\n" + self.text
 
 
-def _rebuild_exception(cls: type, args: tuple, state: dict) -> BaseException:
+def _rebuild_exception(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
     exc = cls.__new__(cls)
     exc.args = args
     exc.__dict__.update(state)
@@ -100,10 +100,10 @@ def _rebuild_exception(cls: type, args: tuple, state: dict) -> BaseException:
 
 def _roundtrips(obj: Any) -> bytes | None:
     try:
-        blob = cloudpickle.dumps(obj, protocol=5)
+        blob: bytes = cloudpickle.dumps(obj, protocol=5)
         pickle.loads(blob)
         return blob
-    except Exception:
+    except Exception:  # noqa: BLE001 - user objects may fail to pickle or unpickle any way: then not picklable
         return None
 
 
@@ -122,10 +122,10 @@ def dump_exception(exc: BaseException) -> list[Buffer]:
 class _Rebuilt:
     """Pickles as a call to ``_rebuild_exception``: bypasses the class's ``__init__``."""
 
-    def __init__(self, cls: type, args: tuple, state: dict) -> None:
+    def __init__(self, cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> None:
         self.parts = (cls, args, state)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., BaseException], tuple[type[BaseException], tuple[Any, ...], dict[str, Any]]]:
         return (_rebuild_exception, self.parts)
 
 
@@ -136,7 +136,7 @@ def load_exception(frames: Sequence[Buffer]) -> BaseException:
     if record.get("exception") is not None:
         try:
             exc = pickle.loads(record["exception"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - a user exception may fail to unpickle any way: rebuilt from text below
             exc = None
     if not isinstance(exc, BaseException):
         exc = RemoteError(record["type"], record["message"], record["traceback"])

@@ -98,7 +98,7 @@ class SharedSegment:
         resource_tracker.register(self._tracker_name, "shared_memory")
         try:
             os.ftruncate(fd, total)
-            for view, offset in zip(views, offsets):
+            for view, offset in zip(views, offsets, strict=True):
                 while view:
                     written = os.pwrite(fd, view, offset)
                     view, offset = view[written:], offset + written
@@ -146,7 +146,7 @@ def attach(name: str, sizes: Sequence[int]) -> tuple[memoryview, ...]:
     finally:
         os.close(fd)
     whole = memoryview(mapping)
-    return tuple(whole[offset:offset + size] for offset, size in zip(offsets, sizes))
+    return tuple(whole[offset:offset + size] for offset, size in zip(offsets, sizes, strict=True))
 
 
 def sweep_stale_segments() -> int:

@@ -13,10 +13,10 @@ import logging
 import socket
 import ssl as ssl_module
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from .errors import HandshakeError, ProtocolError, TLSError
-from .framing import PREAUTH_LIMITS, FrameDecoder, FrameLimits, encode_frame
+from .framing import DEFAULT_LIMITS, PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, encode_frame
 from .handshake import AcceptorHandshake, InitiatorHandshake, Role
 from .messages import PROTOCOL_VERSION, Message, decode, encode
 
@@ -63,7 +63,7 @@ class Connection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------- transport side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection, TCP or TLS
         peername = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         sock = transport.get_extra_info("socket")
@@ -81,7 +81,9 @@ class Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         target = self.decoder.fill_target()
         self._direct = target is not None and len(target) > 0
-        return target if self._direct else self._scratch  # type: ignore[return-value]
+        if target is not None and self._direct:
+            return target
+        return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closed:
@@ -109,7 +111,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._handle_frames(frames)
 
-    def _handle_frames(self, frames: list) -> None:
+    def _handle_frames(self, frames: list[Frame]) -> None:
         try:
             for frame in frames:
                 if self.closed:
@@ -161,8 +163,7 @@ class Connection(asyncio.BufferedProtocol):
     def _handshake_frame(self, body: bytes) -> None:
         hs = self.handshake
         if isinstance(hs, AcceptorHandshake):
-            reply = hs.receive(body)
-            self._write_raw(encode_frame(reply))
+            self._write_raw(encode_frame(hs.receive(body)))
             if hs.failure is not None:
                 log.warning("refused %s: %s", self.peer, hs.failure)
                 self.close(f"handshake failed: {hs.failure}")
@@ -171,7 +172,7 @@ class Connection(asyncio.BufferedProtocol):
             try:
                 reply = hs.receive(body)
             except HandshakeError as exc:
-                if getattr(hs, "abort_frame", None):
+                if hs.abort_frame:
                     self._write_raw(encode_frame(hs.abort_frame))
                 self._fail_handshake(exc)
                 return
@@ -256,7 +257,7 @@ async def open_connection(
     *,
     ssl: ssl_module.SSLContext | None = None,
     timeout: float = HANDSHAKE_TIMEOUT,
-    limits: FrameLimits = FrameLimits(),
+    limits: FrameLimits = DEFAULT_LIMITS,
     peer_name: str = "scheduler",
 ) -> Connection:
     """Connect and complete the handshake; raises HandshakeError or OSError naming the cause."""
@@ -283,7 +284,9 @@ async def open_connection(
             if ssl is not None
             else "it may expect tls:// instead of tcp://, not be a jobsched daemon, or be refusing new connections"
         )
-        raise ConnectionError(f"the {peer_name} at {host}:{port} closed the connection during the handshake ({exc}); {hint}") from None
+        raise ConnectionError(
+            f"the {peer_name} at {host}:{port} closed the connection during the handshake ({exc}); {hint}"
+        ) from None
 
 
 async def start_server(
@@ -294,9 +297,9 @@ async def start_server(
     on_connection: Callable[[Connection], None],
     *,
     ssl: ssl_module.SSLContext | None = None,
-    limits: FrameLimits = FrameLimits(),
+    limits: FrameLimits = DEFAULT_LIMITS,
     max_unauthenticated: int = 256,
-) -> asyncio.AbstractServer:
+) -> asyncio.Server:
     """Listen; each connection that completes the handshake is passed to ``on_connection``."""
     loop = asyncio.get_running_loop()
     pending: set[Connection] = set()

@@ -16,11 +16,12 @@ import mmap
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from .errors import FrameTooLarge
 
-Buffer = Union[bytes, bytearray, memoryview]
+# what a frame carries: received buffers are bytearrays or, when large, anonymous memory maps
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+ReceivedBuffer = bytearray | mmap.mmap
 
 _HEADER = struct.Struct("!IH")
 _LENGTH = struct.Struct("!Q")
@@ -36,6 +37,7 @@ class FrameLimits:
     max_total: int = 16 * 2**30
 
 
+DEFAULT_LIMITS = FrameLimits()
 PREAUTH_LIMITS = FrameLimits(max_body=4096, max_buffers=0, max_buffer=0, max_total=4096)
 
 
@@ -53,7 +55,7 @@ def _new_buffer(size: int) -> bytearray | mmap.mmap:
 @dataclass(frozen=True, slots=True)
 class Frame:
     body: bytes
-    buffers: tuple[bytearray, ...] = ()
+    buffers: tuple[ReceivedBuffer, ...] = ()
 
 
 def encode_frame(body: bytes, buffers: Sequence[Buffer] = ()) -> list[Buffer]:
@@ -77,7 +79,7 @@ class FrameDecoder:
         self._body_length: int | None = None
         self._buffer_lengths: list[int] | None = None
         self._body: bytes | None = None
-        self._buffers: list[bytearray] = []
+        self._buffers: list[ReceivedBuffer] = []
         self._fill: memoryview | None = None  # the buffer being filled in place
         self._filled = 0
 

@@ -98,7 +98,9 @@ class InitiatorHandshake:
         self.abort_frame: bytes | None = None
         if self._stage == "challenge":
             if len(body) < _CHALLENGE.size or body[:8] != MAGIC:
-                raise HandshakeError(f"the {self.peer_name} did not answer with the jobsched handshake (wrong port or not jobsched?)")
+                raise HandshakeError(
+                    f"the {self.peer_name} did not answer with the jobsched handshake (wrong port or not jobsched?)"
+                )
             magic, version, status, has_secret, nonce_a, mac_a = _CHALLENGE.unpack_from(body)
             reason = _reason(body[_CHALLENGE.size :])
             if status != Status.OK:
@@ -115,7 +117,9 @@ class InitiatorHandshake:
                 raise AuthenticationError(message)
             expected = _mac(self.secret, b"acceptor", self.version, self.role, self._nonce, nonce_a)
             if not hmac.compare_digest(expected, mac_a):
-                self.abort_frame = _PROOF.pack(Status.AUTH, _NO_MAC) + b"your proof of the shared secret did not verify: the secrets differ"
+                self.abort_frame = (
+                    _PROOF.pack(Status.AUTH, _NO_MAC) + b"your proof of the shared secret did not verify: the secrets differ"
+                )
                 raise AuthenticationError(f"the {self.peer_name}'s proof of the shared secret did not verify: the secrets differ")
             self._stage = "verdict"
             return _PROOF.pack(Status.OK, _mac(self.secret, b"initiator", self.version, self.role, self._nonce, nonce_a))
@@ -168,7 +172,9 @@ class AcceptorHandshake:
                 raise self.failure
             _, version, role, has_secret, nonce_i = _HELLO.unpack(body)
             if version != self.version:
-                return self._refuse_challenge(Status.VERSION, f"protocol version mismatch: this side speaks {self.version}, the peer speaks {version}")
+                return self._refuse_challenge(
+                    Status.VERSION, f"protocol version mismatch: this side speaks {self.version}, the peer speaks {version}"
+                )
             try:
                 self.peer_role = Role(role)
             except ValueError:
@@ -193,6 +199,7 @@ class AcceptorHandshake:
                 self._stage = "failed"
                 raise self.failure
             if self.secret is not None:
+                assert self.peer_role is not None  # set with the hello, before the proof stage
                 expected = _mac(self.secret, b"initiator", self.version, self.peer_role, self._nonce_i, self._nonce)
                 if not hmac.compare_digest(expected, mac_i):
                     return self._refuse_verdict(

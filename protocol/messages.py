@@ -13,12 +13,27 @@ import dataclasses
 import operator
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgpack
 
 from .errors import MalformedMessage
 from .framing import Buffer, Frame, encode_frame
+
+if TYPE_CHECKING:
+    from typing_extensions import dataclass_transform
+else:  # only type checkers need it (typing has it from Python 3.11 on)
+
+    def dataclass_transform(**_: Any) -> Callable[[Any], Any]:
+        return lambda decorated: decorated
+
+
+Frames = tuple[Buffer, ...]  # a message's opaque payloads: its frame's buffers
+if TYPE_CHECKING:
+    Info = dict[str, Any]
+else:
+    Info = dict  # decoding checks that it is a map, not its keys and values: the wire type is plain dict
+M = TypeVar("M", bound="Message")
 
 # 3: a batch carries its call context pickled once per call; scattered data may be shared
 # through /dev/shm (share domains, segments)
@@ -44,7 +59,7 @@ _REGISTRY: dict[str, type[Message]] = {}
 _FIELDS: dict[type[Message], tuple[tuple[str, Callable[[Any], bool]], ...]] = {}
 _NAMES: dict[type[Message], tuple[str, ...]] = {}
 _EXACT: dict[type[Message], tuple[type | None, ...]] = {}  # per wire field: see _exact_type
-_GETTERS: dict[type[Message], Callable[[Message], tuple]] = {}  # a message's wire fields, in order
+_GETTERS: dict[type[Message], Callable[[Message], tuple[Any, ...]]] = {}  # a message's wire fields, in order
 _FRAMES_AT: dict[type[Message], int] = {}  # position of ``frames`` among the constructor's arguments
 
 
@@ -76,7 +91,7 @@ def _checker(tp: Any) -> Callable[[Any], bool]:
     raise TypeError(f"unsupported message field type {tp!r}")
 
 
-def _getter(names: tuple[str, ...]) -> Callable[[Message], tuple]:
+def _getter(names: tuple[str, ...]) -> Callable[[Message], tuple[Any, ...]]:
     if len(names) > 1:
         return operator.attrgetter(*names)
     if names:
@@ -84,10 +99,11 @@ def _getter(names: tuple[str, ...]) -> Callable[[Message], tuple]:
     return lambda msg: ()
 
 
-def message(op: str) -> Callable[[type], type]:
+@dataclass_transform(frozen_default=True)
+def message(op: str) -> Callable[[type[M]], type[M]]:
     """Class decorator: make a frozen message dataclass and register it under ``op``."""
 
-    def register(cls: type) -> type:
+    def register(cls: type[M]) -> type[M]:
         cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
         if op in _REGISTRY:
             raise ValueError(f"duplicate op {op!r}")
@@ -118,7 +134,7 @@ def decode(frame: Frame) -> Message:
     """Decode and validate one frame; raises MalformedMessage on anything unexpected."""
     try:
         items = msgpack.unpackb(frame.body, raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise MalformedMessage(f"undecodable msgpack body: {exc}") from None
     if type(items) is not list or not items or type(items[0]) is not str:
         raise MalformedMessage("message body is not [op, ...]")
@@ -129,7 +145,7 @@ def decode(frame: Frame) -> Message:
     if len(items) != len(fields) + 1:
         raise MalformedMessage(f"{cls.op}: expected {len(fields)} fields, got {len(items) - 1}")
     del items[0]
-    for (name, check), exact, value in zip(fields, _EXACT[cls], items):
+    for (name, check), exact, value in zip(fields, _EXACT[cls], items, strict=True):
         if type(value) is not exact and not check(value):
             raise MalformedMessage(f"{cls.op}: field {name!r} has invalid type {type(value).__name__}")
     frames_at = _FRAMES_AT.get(cls)
@@ -208,7 +224,7 @@ class SubmitBatch(Message):
     call_id: int = 0
     func_name: str = ""
     max_running: int = 0
-    frames: tuple = dataclasses.field(default=(), repr=False)
+    frames: Frames = dataclasses.field(default=(), repr=False)
     keys: list[str] = dataclasses.field(default_factory=list)  # scattered data the batch needs
 
 
@@ -223,7 +239,7 @@ class BatchDone(Message):
     status: str = OK
     worker: str = ""
     error: str = ""
-    frames: tuple = dataclasses.field(default=(), repr=False)
+    frames: Frames = dataclasses.field(default=(), repr=False)
 
 
 @message("info-request")
@@ -234,7 +250,7 @@ class InfoRequest(Message):
 @message("info-reply")
 class InfoReply(Message):
     request_id: int = 0
-    info: dict = dataclasses.field(default_factory=dict)
+    info: Info = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------ scheduler <-> worker
@@ -245,7 +261,7 @@ class Execute(Message):
     task_id: int = 0
     attempt: int = 0
     func_name: str = ""
-    frames: tuple = dataclasses.field(default=(), repr=False)
+    frames: Frames = dataclasses.field(default=(), repr=False)
     keys: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -261,7 +277,7 @@ class TaskDone(Message):
     attempt: int = 0
     status: str = OK
     duration: float = 0.0
-    frames: tuple = dataclasses.field(default=(), repr=False)
+    frames: Frames = dataclasses.field(default=(), repr=False)
 
 
 # ------------------------------------------------------------ scattered data
@@ -310,7 +326,7 @@ class DataUpload(Message):
     segment: str = ""
     sizes: list[int] = dataclasses.field(default_factory=list)
     share_domain: str = ""
-    frames: tuple = dataclasses.field(default=(), repr=False)
+    frames: Frames = dataclasses.field(default=(), repr=False)
 
 
 @message("store-data")
@@ -322,7 +338,7 @@ class StoreData(Message):
     segment: str = ""
     sizes: list[int] = dataclasses.field(default_factory=list)
     share: bool = False
-    frames: tuple = dataclasses.field(default=(), repr=False)
+    frames: Frames = dataclasses.field(default=(), repr=False)
 
 
 @message("need-data")
@@ -372,7 +388,7 @@ class FetchData(Message):
 class DataReply(Message):
     key: str = ""
     found: bool = False
-    frames: tuple = dataclasses.field(default=(), repr=False)
+    frames: Frames = dataclasses.field(default=(), repr=False)
 
 
 def frames_nbytes(frames: Sequence[Buffer]) -> int:

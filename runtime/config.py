@@ -59,7 +59,7 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
             return False
         raise ConfigError(f"{name} from {where}: expected true or false, got {value!r}")
     try:
-        result = action.type(str(value)) if action.type is not None else (value if isinstance(value, str) else str(value))
+        result = action.type(str(value)) if callable(action.type) else (value if isinstance(value, str) else str(value))
     except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
         raise ConfigError(f"{name} from {where}: {exc}") from None
     if action.choices is not None and result not in action.choices:

@@ -61,7 +61,9 @@ def configure_logging(level: str = "INFO") -> None:
     the tasks' log records are captured for their caller, not printed here."""
     handler = logging.StreamHandler()
     # journald stamps each line itself: under systemd, leave the time out
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
     handler.setFormatter(logging.Formatter(fmt))
     logger = logging.getLogger("jobsched")
     logger.addHandler(handler)

@@ -23,4 +23,5 @@ def write_scheduler_file(path: str, address: str, dashboard: str = "") -> None:
 
 def read_scheduler_file(path: str) -> str:
     with open(path) as f:
-        return json.load(f)["address"]
+        address: str = json.load(f)["address"]
+    return address

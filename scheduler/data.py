@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from ..payload.shm import valid_reference
 from ..protocol import messages as m
+from .records import ConnId
 
-ConnId = int
 MAX_KEY_LENGTH = 200
 MAX_SOURCES = 3
 
@@ -31,20 +31,20 @@ class DataRecord:
     key: str
     owner: ConnId
     nbytes: int
-    holders: dict = field(default_factory=dict)  # worker conn -> None, ordered
-    waiting: dict = field(default_factory=dict)  # worker conns waiting for a copy -> may it map a segment
+    holders: dict[ConnId, None] = field(default_factory=dict)  # worker conn -> None, ordered
+    waiting: dict[ConnId, bool] = field(default_factory=dict)  # worker conns waiting for a copy -> may it map a segment
     uploading_to: ConnId | None = None  # worker receiving the owner's copy through us
-    segments: dict = field(default_factory=dict)  # share domain -> Segment
+    segments: dict[str, Segment] = field(default_factory=dict)  # share domain -> Segment
 
 
 @dataclass(slots=True, frozen=True)
 class Segment:
     creator: ConnId  # the client or worker that unlinks it
     name: str
-    sizes: list
+    sizes: list[int]
 
 
-Send = Callable[[ConnId, m.Message], None]
+Sender = Callable[[ConnId, m.Message], None]  # sends a message to a peer
 
 
 class DataDirectory:
@@ -65,7 +65,7 @@ class DataDirectory:
         if domain:
             self.domain_sizes[domain] = self.domain_sizes.get(domain, 0) + 1
 
-    def worker_left(self, worker: ConnId, send: Send) -> None:
+    def worker_left(self, worker: ConnId, send: Sender) -> None:
         for key in self.held.pop(worker, {}):
             record = self.records.get(key)
             if record is not None:
@@ -85,7 +85,7 @@ class DataDirectory:
                 record.uploading_to = None
                 self._request_upload(record, send)
 
-    def need(self, worker: ConnId, key: str, from_owner: bool, send: Send, shared: bool = True) -> None:
+    def need(self, worker: ConnId, key: str, from_owner: bool, send: Sender, shared: bool = True) -> None:
         record = self.records.get(key)
         if record is None:
             send(worker, m.DataMissing(key, f"data {key[:60]!r} is not available: its client released it or disconnected"))
@@ -105,7 +105,9 @@ class DataDirectory:
         if record.uploading_to is None:
             self._request_upload(record, send)
 
-    def stored(self, worker: ConnId, key: str, nbytes: int, send: Send, segment: str = "", sizes: list | None = None) -> None:
+    def stored(
+        self, worker: ConnId, key: str, nbytes: int, send: Sender, segment: str = "", sizes: list[int] | None = None
+    ) -> None:
         record = self.records.get(key)
         if record is None:
             send(worker, m.DeleteData([key]))  # released while it travelled
@@ -127,7 +129,7 @@ class DataDirectory:
         if record.waiting and record.uploading_to is None:  # the holder serves no peers
             self._request_upload(record, send)
 
-    def holders_of(self, key: str) -> dict:
+    def holders_of(self, key: str) -> dict[ConnId, None]:
         record = self.records.get(key)
         return record.holders if record is not None else {}
 
@@ -143,8 +145,8 @@ class DataDirectory:
             self.records[key] = DataRecord(key, owner, max(nbytes, 0))
         return None
 
-    def upload(self, owner: ConnId, key: str, frames: tuple, send: Send,
-               segment: str = "", sizes: list | None = None, domain: str = "") -> None:
+    def upload(self, owner: ConnId, key: str, frames: m.Frames, send: Sender,
+               segment: str = "", sizes: list[int] | None = None, domain: str = "") -> None:
         record = self.records.get(key)
         if record is None or record.owner != owner:
             return
@@ -160,7 +162,7 @@ class DataDirectory:
             record.uploading_to = target
         send(target, m.StoreData(key, "", [], self._share(target, record.waiting.get(target, True)), frames))
 
-    def _segment_uploaded(self, record: DataRecord, segment: str, sizes: list, domain: str, send: Send) -> None:
+    def _segment_uploaded(self, record: DataRecord, segment: str, sizes: list[int], domain: str, send: Sender) -> None:
         """The client put the data in a shared segment of its domain: offer it to that domain's
         waiting workers; if there are none (the one we asked for left), ask again for whoever
         waits, for bytes if the reference was bad."""
@@ -172,7 +174,7 @@ class DataDirectory:
         if not self._offer_segments(record, send) and record.waiting:
             self._request_upload(record, send)  # else the others fetch from those it went to
 
-    def release(self, owner: ConnId, keys: list[str], send: Send) -> None:
+    def release(self, owner: ConnId, keys: list[str], send: Sender) -> None:
         by_worker: dict[ConnId, list[str]] = {}
         for key in keys:
             record = self.records.get(key)
@@ -187,11 +189,11 @@ class DataDirectory:
         for worker, worker_keys in by_worker.items():
             send(worker, m.DeleteData(worker_keys))
 
-    def client_left(self, owner: ConnId, send: Send) -> None:
+    def client_left(self, owner: ConnId, send: Sender) -> None:
         self.release(owner, [k for k, r in self.records.items() if r.owner == owner], send)
 
     # -------------------------------------------------------------- internals
-    def _offer_segments(self, record: DataRecord, send: Send) -> int:
+    def _offer_segments(self, record: DataRecord, send: Sender) -> int:
         """Send waiting workers the name of a segment of their domain, if there is one;
         returns to how many."""
         offered = 0
@@ -213,7 +215,7 @@ class DataDirectory:
         addresses = [self.data_addresses.get(w, "") for w in record.holders if w != exclude]
         return [a for a in addresses if a][:MAX_SOURCES]
 
-    def _request_upload(self, record: DataRecord, send: Send) -> None:
+    def _request_upload(self, record: DataRecord, send: Sender) -> None:
         target = next(iter(record.waiting), None)
         if target is None:
             return
@@ -221,7 +223,7 @@ class DataDirectory:
         domain = self.domains.get(target, "") if record.waiting[target] else ""
         send(record.owner, m.UploadRequest(record.key, domain))
 
-    def info(self, worker: ConnId) -> dict:
+    def info(self, worker: ConnId) -> dict[str, int]:
         held = self.held.get(worker, {})
         return {"data_keys": len(held), "data_bytes": sum(held.values())}
 

@@ -11,12 +11,14 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .server import SchedulerServer
 
@@ -32,7 +34,7 @@ class StatusCollector:
     def __init__(self, status: StatusServer) -> None:
         self.status = status
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         info = self.status.snapshot()
         workers = info["workers"].values()
         counters = info["counters"]
@@ -86,7 +88,8 @@ class StatusServer:
         scheduler.on_dispatch = self._observe
         self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         self.httpd.daemon_threads = True
-        self.address = "http://%s:%d" % self.httpd.server_address[:2]
+        bound_host, bound_port = self.httpd.server_address[:2]
+        self.address = f"http://{bound_host!s}:{bound_port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="jobsched-http", daemon=True)
 
     def start(self) -> None:
@@ -101,8 +104,8 @@ class StatusServer:
         if sent_batch:
             self.latency.observe(seconds)
 
-    def snapshot(self) -> dict:
-        async def take() -> dict:
+    def snapshot(self) -> dict[str, Any]:
+        async def take() -> dict[str, Any]:
             return self.scheduler.snapshot()
 
         return asyncio.run_coroutine_threadsafe(take(), self.loop).result(SNAPSHOT_TIMEOUT)
@@ -143,7 +146,7 @@ def _handler_for(status: StatusServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet access log
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet access log
             log.debug("http: " + format, *args)
 
     return Handler

@@ -10,11 +10,13 @@ import ssl as ssl_module
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from ..protocol import Role
 from ..protocol import messages as m
 from ..protocol.aio import Connection, start_server
-from .state import Close, MessageReceived, PeerConnected, PeerDisconnected, SchedulerConfig, SchedulerState, Send, Ticked
+from .records import Close, Event, MessageReceived, PeerConnected, PeerDisconnected, Send, Ticked
+from .state import DEFAULT_CONFIG, SchedulerConfig, SchedulerState
 
 log = logging.getLogger("jobsched.scheduler")
 
@@ -34,7 +36,7 @@ class SchedulerServer:
         host: str,
         port: int,
         secret: bytes | None,
-        config: SchedulerConfig = SchedulerConfig(),
+        config: SchedulerConfig = DEFAULT_CONFIG,
         ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.host = host
@@ -45,14 +47,14 @@ class SchedulerServer:
         self.state: SchedulerState | None = None
         self.connections: dict[int, Connection] = {}
         self._next_conn = 1
-        self._server: asyncio.AbstractServer | None = None
-        self._ticker: asyncio.Task | None = None
+        self._server: asyncio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self.address = ""
         self.dashboard = ""  # the HTTP status address, once started
         self.bytes_closed = [0, 0]  # received, sent by connections already closed
         self._events_logged = 0
         self._stopping = False
-        self.history: deque[dict] = deque(maxlen=300)  # one sample a second: the dashboard's chart
+        self.history: deque[dict[str, float]] = deque(maxlen=300)  # one sample a second: the dashboard's chart
         self.on_dispatch: Callable[[float, bool], None] | None = None  # (seconds, sent a batch): metrics
 
     async def start(self) -> str:
@@ -132,7 +134,7 @@ class SchedulerServer:
         if not self._stopping:
             self._dispatch(PeerDisconnected(conn_id, reason))
 
-    def _dispatch(self, event) -> None:
+    def _dispatch(self, event: Event) -> None:
         assert self.state is not None
         started = time.perf_counter()
         commands = self.state.handle(event)
@@ -141,13 +143,14 @@ class SchedulerServer:
             conn = self.connections.get(command.conn)
             if conn is None:
                 continue
-            if type(command) is Send:
-                conn.send(command.message)
-                executed = executed or type(command.message) is m.Execute
-            elif type(command) is Close:
-                log.warning("closing connection %s from %s: %s", command.conn, conn.peer, command.reason)
-                conn.send(m.Closing(command.reason))
-                conn.close(command.reason)
+            match command:
+                case Send(_, message):
+                    conn.send(message)
+                    executed = executed or type(message) is m.Execute
+                case Close(_, reason):
+                    log.warning("closing connection %s from %s: %s", command.conn, conn.peer, reason)
+                    conn.send(m.Closing(reason))
+                    conn.close(reason)
         if self.on_dispatch is not None:
             self.on_dispatch(time.perf_counter() - started, executed)
         if self.state.event_seq != self._events_logged:
@@ -166,7 +169,7 @@ class SchedulerServer:
         sent = self.bytes_closed[1] + sum(c.bytes_sent for c in self.connections.values())
         return received, sent
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """Everything the status endpoints show; call on the loop thread."""
         assert self.state is not None
         info = self.state.info()

@@ -16,127 +16,36 @@ that has been running on ``max_deaths`` workers when they died fails with a
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Union
+from dataclasses import dataclass
+from typing import Any
 
 from ..protocol import messages as m
-from .data import DataDirectory
+from .data import DataDirectory, Sender
+from .records import (
+    SHORT_BATCH,
+    CallKey,
+    CallRecord,
+    ClientRecord,
+    Close,
+    Command,
+    ConnId,
+    Event,
+    LogEvent,
+    MessageReceived,
+    PeerConnected,
+    PeerDisconnected,
+    Send,
+    TaskRecord,
+    Ticked,
+    WorkerRecord,
+)
 
-ConnId = int
-SHORT_BATCH = 0.02  # seconds: calls whose batches run shorter than this get prefetching
+__all__ = [  # the events and commands, for the state's users
+    "MAX_NAME", "SHORT_BATCH", "Close", "Command", "Event", "MessageReceived", "PeerConnected", "PeerDisconnected",
+    "SchedulerConfig", "SchedulerState", "Send", "Ticked",
+]
+
 MAX_NAME = 200  # peers name themselves: keep what we store and report bounded
-CallKey = tuple[ConnId, int]
-
-
-# ------------------------------------------------------------------- events
-@dataclass(frozen=True, slots=True)
-class PeerConnected:
-    conn: ConnId
-    address: str
-
-
-@dataclass(frozen=True, slots=True)
-class MessageReceived:
-    conn: ConnId
-    message: m.Message
-
-
-@dataclass(frozen=True, slots=True)
-class PeerDisconnected:
-    conn: ConnId
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Ticked:
-    now: float
-
-
-Event = Union[PeerConnected, MessageReceived, PeerDisconnected, Ticked]
-
-
-# ----------------------------------------------------------------- commands
-@dataclass(frozen=True, slots=True)
-class Send:
-    conn: ConnId
-    message: m.Message
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    conn: ConnId
-    reason: str
-
-
-Command = Union[Send, Close]
-
-
-# ------------------------------------------------------------------ records
-@dataclass(slots=True)
-class TaskRecord:
-    task_id: int
-    call: CallKey
-    batch_id: int
-    func_name: str
-    frames: tuple
-    queued_at: float
-    keys: list = field(default_factory=list)  # scattered data it needs
-    attempt: int = 0
-    worker: ConnId | None = None
-    deaths: int = 0
-    cancelled: bool = False
-
-
-@dataclass(slots=True)
-class CallRecord:
-    key: CallKey
-    max_running: int  # 0: no cap
-    queue: deque = field(default_factory=deque)  # task ids waiting
-    running: dict = field(default_factory=dict)  # task_id -> None, an ordered set
-    mean_duration: float = -1.0  # moving average of its batches' run time; -1: none finished yet
-
-    @property
-    def short(self) -> bool:
-        return 0.0 <= self.mean_duration < SHORT_BATCH
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.queue) and (self.max_running == 0 or len(self.running) < self.max_running)
-
-
-@dataclass(slots=True)
-class WorkerRecord:
-    conn: ConnId
-    address: str
-    name: str
-    nthreads: int
-    host: str
-    pid: int
-    memory_limit: int
-    last_seen: float
-    memory: int = 0
-    running: dict = field(default_factory=dict)  # task_id -> None, an ordered set
-    completed: int = 0
-    status: str = m.RUNNING
-    last_words: str = ""  # the reason it gave before closing, if any
-
-    @property
-    def has_room(self) -> bool:
-        return self.status == m.RUNNING and len(self.running) < self.nthreads
-
-    @property
-    def can_prefetch(self) -> bool:
-        """Every slot busy, but room to hold one more batch per slot, ready to start."""
-        return self.status == m.RUNNING and self.nthreads <= len(self.running) < 2 * self.nthreads
-
-
-@dataclass(slots=True)
-class ClientRecord:
-    conn: ConnId
-    name: str
-    pid: int
-    host: str
-    calls: dict = field(default_factory=dict)  # call_id -> CallRecord
 
 
 @dataclass(frozen=True)
@@ -152,8 +61,11 @@ class SchedulerConfig:
     prefetch: bool = False
 
 
+DEFAULT_CONFIG = SchedulerConfig()
+
+
 class SchedulerState:
-    def __init__(self, config: SchedulerConfig = SchedulerConfig()) -> None:
+    def __init__(self, config: SchedulerConfig = DEFAULT_CONFIG) -> None:
         self.config = config
         self.now = 0.0
         self.addresses: dict[ConnId, str] = {}
@@ -167,7 +79,7 @@ class SchedulerState:
         self._next_task_id = 1
         self.stale_results = 0
         self.counters: Counter[str] = Counter()  # submitted, done:<status>, requeued, worker_deaths, ...
-        self.events: deque[dict] = deque(maxlen=100)  # recent joins, deaths and failures, for people
+        self.events: deque[LogEvent] = deque(maxlen=100)  # recent joins, deaths and failures, for people
         self.event_seq = 0  # events ever logged, so the server can print each once
         self.no_workers_since = 0.0  # when the last worker left
 
@@ -178,68 +90,81 @@ class SchedulerState:
     # ---------------------------------------------------------------- entry
     def handle(self, event: Event) -> list[Command]:
         out: list[Command] = []
-        if type(event) is MessageReceived:
-            self._on_message(event.conn, event.message, out)
-        elif type(event) is Ticked:
-            self._on_tick(event.now, out)
-        elif type(event) is PeerConnected:
-            self.addresses[event.conn] = event.address
-        elif type(event) is PeerDisconnected:
-            self._on_disconnect(event.conn, out, event.reason)
-        else:
-            raise TypeError(f"unknown event {event!r}")
+        match event:
+            case MessageReceived(conn, message):
+                self._on_message(conn, message, out)
+            case Ticked(now):
+                self._on_tick(now, out)
+            case PeerConnected(conn, address):
+                self.addresses[conn] = address
+            case PeerDisconnected(conn, reason):
+                self._on_disconnect(conn, out, reason)
+            case _:
+                raise TypeError(f"unknown event {event!r}")
         self._schedule(out)
         return out
 
     def _on_message(self, conn: ConnId, msg: m.Message, out: list[Command]) -> None:
-        kind = type(msg)
-        if conn in self.workers:
-            worker = self.workers[conn]
+        worker = self.workers.get(conn)
+        if worker is not None:
             worker.last_seen = self.now
-            if kind is m.TaskDone:
-                self._on_task_done(worker, msg, out)  # type: ignore[arg-type]
-            elif kind is m.Heartbeat:
-                worker.memory = msg.memory  # type: ignore[attr-defined]
-            elif kind is m.WorkerStatus:
-                self._on_worker_status(worker, msg.status, out)  # type: ignore[attr-defined]
-            elif kind is m.Closing:
-                worker.last_words = msg.reason[:500]  # type: ignore[attr-defined]
-            elif kind is m.NeedData:
-                self.data.need(conn, msg.key, msg.from_owner, self._sender(out), msg.shared)  # type: ignore[attr-defined]
-            elif kind is m.DataStored:
-                self.data.stored(conn, msg.key, msg.nbytes, self._sender(out), msg.segment, msg.sizes)  # type: ignore[attr-defined]
-            elif kind is m.InfoRequest:
-                out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))  # type: ignore[attr-defined]
-            else:
+            self._on_worker_message(worker, msg, out)
+            return
+        client = self.clients.get(conn)
+        if client is not None:
+            self._on_client_message(client, msg, out)
+            return
+        match msg:
+            case m.RegisterWorker():
+                self._register_worker(conn, msg, out)
+            case m.RegisterClient():
+                client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME])
+                self.clients[conn] = client
+                self._log_event("client-connected", f"{client.name} (pid {client.pid} on {client.host})")
+                out.append(Send(conn, m.Welcome(f"client-{conn}", self.config.heartbeat_interval)))
+            case _:
+                out.append(Close(conn, f"expected a registration, got {msg.op!r}"))
+                self.addresses.pop(conn, None)
+
+    def _on_worker_message(self, worker: WorkerRecord, msg: m.Message, out: list[Command]) -> None:
+        conn = worker.conn
+        match msg:  # the most frequent first: each case is one isinstance check
+            case m.TaskDone():
+                self._on_task_done(worker, msg, out)
+            case m.Heartbeat():
+                worker.memory = msg.memory
+            case m.NeedData():
+                self.data.need(conn, msg.key, msg.from_owner, self._sender(out), msg.shared)
+            case m.DataStored():
+                self.data.stored(conn, msg.key, msg.nbytes, self._sender(out), msg.segment, msg.sizes)
+            case m.WorkerStatus():
+                self._on_worker_status(worker, msg.status, out)
+            case m.Closing():
+                worker.last_words = msg.reason[:500]
+            case m.InfoRequest():
+                out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))
+            case _:
                 out.append(Close(conn, f"unexpected {msg.op!r} from a worker"))
                 self._on_disconnect(conn, out)
-        elif conn in self.clients:
-            client = self.clients[conn]
-            if kind is m.SubmitBatch:
-                self._on_submit(client, msg, out)  # type: ignore[arg-type]
-            elif kind is m.CancelCall:
-                self._cancel_call(client, msg.call_id, out)  # type: ignore[attr-defined]
-            elif kind is m.DataRegister:
-                self._on_data_register(client, msg, out)  # type: ignore[arg-type]
-            elif kind is m.DataUpload:
-                self.data.upload(conn, msg.key, msg.frames, self._sender(out), msg.segment, msg.sizes, msg.share_domain)  # type: ignore[attr-defined]
-            elif kind is m.ReleaseData:
-                self.data.release(conn, msg.keys, self._sender(out))  # type: ignore[attr-defined]
-            elif kind is m.InfoRequest:
-                out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))  # type: ignore[attr-defined]
-            else:
+
+    def _on_client_message(self, client: ClientRecord, msg: m.Message, out: list[Command]) -> None:
+        conn = client.conn
+        match msg:  # the most frequent first
+            case m.SubmitBatch():
+                self._on_submit(client, msg, out)
+            case m.CancelCall():
+                self._cancel_call(client, msg.call_id, out)
+            case m.DataRegister():
+                self._on_data_register(client, msg, out)
+            case m.DataUpload():
+                self.data.upload(conn, msg.key, msg.frames, self._sender(out), msg.segment, msg.sizes, msg.share_domain)
+            case m.ReleaseData():
+                self.data.release(conn, msg.keys, self._sender(out))
+            case m.InfoRequest():
+                out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))
+            case _:
                 out.append(Close(conn, f"unexpected {msg.op!r} from a client"))
                 self._on_disconnect(conn, out)
-        elif kind is m.RegisterWorker:
-            self._register_worker(conn, msg, out)  # type: ignore[arg-type]
-        elif kind is m.RegisterClient:
-            client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME])  # type: ignore[attr-defined]
-            self.clients[conn] = client
-            self._log_event("client-connected", f"{client.name} (pid {client.pid} on {client.host})")
-            out.append(Send(conn, m.Welcome(f"client-{conn}", self.config.heartbeat_interval)))
-        else:
-            out.append(Close(conn, f"expected a registration, got {msg.op!r}"))
-            self.addresses.pop(conn, None)
 
     # -------------------------------------------------------------- workers
     def _register_worker(self, conn: ConnId, msg: m.RegisterWorker, out: list[Command]) -> None:
@@ -391,7 +316,7 @@ class SchedulerState:
                 self.data.need(conn, msg.key, False, send)
 
     @staticmethod
-    def _sender(out: list[Command]):
+    def _sender(out: list[Command]) -> Sender:
         return lambda conn, message: out.append(Send(conn, message))
 
     def _cancel_call(self, client: ClientRecord, call_id: int, out: list[Command]) -> None:
@@ -406,6 +331,7 @@ class SchedulerState:
         for task_id in call.running:
             task = self.tasks[task_id]
             task.cancelled = True
+            assert task.worker is not None  # running
             out.append(Send(task.worker, m.Cancel(task.task_id, task.attempt)))
 
     def _call_of(self, task: TaskRecord) -> CallRecord | None:
@@ -419,10 +345,10 @@ class SchedulerState:
             if self.free_workers:
                 key, workers = next(iter(ready)), self.free_workers
             elif self.prefetch_workers and self.config.prefetch:
-                key = next((k for k, c in ready.items() if c.short), None)  # only short batches wait
-                if key is None:
+                short = next((k for k, c in ready.items() if c.short), None)  # only short batches wait
+                if short is None:
                     return
-                workers = self.prefetch_workers
+                key, workers = short, self.prefetch_workers
             else:
                 return
             call = ready.pop(key)
@@ -475,7 +401,7 @@ class SchedulerState:
                     self.ready_calls.pop(call.key, None)
 
     # ----------------------------------------------------------------- info
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return {
             "address": self.config.address,
             "workers": {

@@ -21,9 +21,10 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
+from support import LAYERS, TESTS_DIR, DaemonPool, RunningCluster, Status, dashboard_of, start_cluster
+
 from jobsched.client import backend as backend_module
 from jobsched.client import client as client_module
-from support import LAYERS, TESTS_DIR, DaemonPool, RunningCluster, Status, dashboard_of, start_cluster
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

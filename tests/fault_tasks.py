@@ -88,6 +88,7 @@ def hold_memory(directory: str, target_mib: int, seconds: float = 60.0, chunk_mi
     measures it against its limit, passes ``target_mib``, then hold it for ``seconds``: a task
     that loads too much, then computes."""
     import psutil
+
     from jobsched.worker.memory import private_memory
 
     mark(directory)

@@ -39,6 +39,8 @@ import psutil
 import pytest
 import tasks
 from joblib import Parallel, delayed, parallel_config
+
+import jobsched
 from jobsched.payload.shm import SHM_DIR
 from jobsched.protocol import PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, InitiatorHandshake, Role, encode_frame
 from jobsched.protocol import handshake as hs
@@ -54,8 +56,6 @@ from jobsched.scheduler.state import (
     SchedulerState,
     Send,
 )
-
-import jobsched
 
 TESTS_DIR = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "e2e")  # the folders of tests/, one per layer (and pytest marker)

@@ -1,10 +1,8 @@
 """Runs one pickled joblib batch and packs its outcome: the worker's only contact with user code.
 
-The client pickles ``(batch, context)``; ``context`` is the per-call context,
-pickled once per call by the client (bytes), of a plain dict: ``capture``
-(CaptureOptions fields), ``sklearn_config`` (the caller's
-``sklearn.get_config()``), ``inner_max_num_threads``.  Successive batches of a
-call carry the same bytes, so the worker parses them once.  The outcome frames are
+The client pickles ``(batch, context)``; ``context`` is the per-call context, a
+``payload.context.CallContext`` pickled once per call by the client (bytes).  Successive
+batches of a call carry the same bytes, so the worker parses them once.  The outcome frames are
 ``dumps((result, events))`` on success, and ``dump_exception(exc) + [pickle of
 events]`` on failure, so output printed before an error still reaches the caller.
 """
@@ -21,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..payload.context import CallContext
 from ..payload.serialize import dump_exception, dumps
 from ..protocol import messages as m
 from .capture import CaptureOptions, capturing
@@ -67,11 +66,12 @@ def _context(blob: bytes) -> _Context:
     last = _parsed
     if last is not None and last[0] == blob:
         return last[1]
-    raw = pickle.loads(blob)
-    fields = raw.get("capture") or {}
-    capture = CaptureOptions(**{k: v for k, v in fields.items() if k in CaptureOptions.__dataclass_fields__})
-    limit = raw.get("inner_max_num_threads")
-    context = _Context(capture, _known_sklearn_options(raw.get("sklearn_config")), int(limit) if limit else None)
+    call = pickle.loads(blob)
+    if not isinstance(call, CallContext):
+        raise TypeError(f"a batch's context must be a CallContext, not {type(call).__name__}")
+    capture = CaptureOptions(call.capture_output, call.capture_warnings, call.log_level, call.output_cap)
+    limit = call.inner_max_num_threads
+    context = _Context(capture, _known_sklearn_options(call.sklearn_config), int(limit) if limit else None)
     _parsed = (blob, context)
     return context
 
@@ -85,7 +85,7 @@ def _optional_import(name: str) -> Any:
 
 def _known_sklearn_options(config: dict | None) -> dict | None:
     sklearn = _optional_import("sklearn") if config else None
-    if sklearn is None:
+    if sklearn is None or not config:
         return None
     known = sklearn.get_config()
     return {k: v for k, v in config.items() if k in known}

@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 from joblib import parallel_config
+from support import RunningCluster, assert_same_search, batches_completed, svc_search
+
 from jobsched.client import backend as backend_module
 from jobsched.client import current_client
-from support import RunningCluster, assert_same_search, batches_completed, svc_search
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.ensemble import RandomForestClassifier  # noqa: E402

@@ -15,9 +15,6 @@ import psutil
 import pytest
 import tasks
 from joblib import Parallel, delayed, parallel_config
-from jobsched.protocol import PREAUTH_LIMITS
-from jobsched.protocol import messages as m
-from jobsched.protocol.address import parse_address
 from support import (
     BIN_DIR,
     RunningCluster,
@@ -36,6 +33,9 @@ from support import (
 )
 
 import jobsched
+from jobsched.protocol import PREAUTH_LIMITS
+from jobsched.protocol import messages as m
+from jobsched.protocol.address import parse_address
 
 
 # ------------------------------------------------------------------- CLIs

@@ -36,15 +36,15 @@ from unittest import mock
 import psutil
 import pytest
 from joblib import Parallel, delayed, parallel_config
+from support import BIN_DIR
+
+import jobsched
 from jobsched.protocol.address import is_loopback_host, parse_address
 from jobsched.runtime import config as config_module
 from jobsched.runtime.secret import load_secret
 from jobsched.scheduler import cli as scheduler_cli
 from jobsched.worker import cli as worker_cli
 from jobsched.worker.memory import parse_memory_limit
-from support import BIN_DIR
-
-import jobsched
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -36,13 +36,6 @@ import psutil
 import pytest
 import tasks
 from joblib import Parallel, delayed, parallel_config
-from jobsched.payload.serialize import dumps, loads
-from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, FrameTooLarge, InitiatorHandshake, Role
-from jobsched.protocol import handshake as hs
-from jobsched.protocol import messages as m
-from jobsched.protocol.address import parse_address
-from jobsched.protocol.aio import HANDSHAKE_TIMEOUT
-from jobsched.protocol.messages import PROTOCOL_VERSION
 from support import (
     CHALLENGE,
     HELLO,
@@ -56,6 +49,14 @@ from support import (
 )
 
 import jobsched
+from jobsched.payload.context import CallContext
+from jobsched.payload.serialize import dumps, loads
+from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, FrameTooLarge, InitiatorHandshake, Role
+from jobsched.protocol import handshake as hs
+from jobsched.protocol import messages as m
+from jobsched.protocol.address import parse_address
+from jobsched.protocol.aio import HANDSHAKE_TIMEOUT
+from jobsched.protocol.messages import PROTOCOL_VERSION
 
 SECRET = "hostile-test-" + os.urandom(16).hex()
 HOST = "127.0.0.1"
@@ -1083,7 +1084,7 @@ def test_reusing_a_cancelled_call_id_does_not_break_the_scheduler(daemons):
         try:
             sock.sendall(message_bytes(m.RegisterClient("reuser", os.getpid(), "h")))
             assert type(read_message(sock, decoder)) is m.Welcome
-            no_context = pickle.dumps({})  # a batch is (function, the call's context pickled)
+            no_context = pickle.dumps(CallContext())  # a batch is (function, the call's context pickled)
             slow = tuple(dumps((functools.partial(time.sleep, 1.0), no_context)))
             sock.sendall(message_bytes(m.SubmitBatch(1, 7, "sleep", 0, slow)))
             deadline = time.monotonic() + 10

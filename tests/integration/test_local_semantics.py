@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import scipy.linalg  # noqa: F401  (its BLAS is loaded when workers import this module)
 from joblib import Parallel, delayed, parallel_config
-from jobsched.client.local_cluster import available_cores
-from jobsched.worker.cli import THREAD_LIMIT_VARS
 from support import RunningCluster, daemon_env, wait_for_workers
 from tasks import square
 
 import jobsched
+from jobsched.client.local_cluster import available_cores
+from jobsched.worker.cli import THREAD_LIMIT_VARS
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.exceptions import ConvergenceWarning, FitFailedWarning, UnsetMetadataPassedError  # noqa: E402

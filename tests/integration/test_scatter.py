@@ -30,7 +30,6 @@ import numpy as np
 import psutil
 import pytest
 from joblib import Parallel, delayed, parallel_config
-from jobsched.client.scatter import ScatteredRef
 from support import (
     MB,
     by_name,
@@ -49,6 +48,7 @@ from support import (
 from tasks import mark_started, slice_sum
 
 import jobsched
+from jobsched.client.scatter import ScatteredRef
 
 BIG_LEN = 25_000_000  # the length of the ``big`` fixture (integration/conftest.py): 200 MB of float64
 N_TASKS = 64

@@ -30,11 +30,6 @@ import numpy as np
 import pytest
 import trustme
 from joblib import Parallel, delayed, parallel_config
-from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, InitiatorHandshake, Role
-from jobsched.protocol import handshake as hs_module
-from jobsched.protocol import messages as m
-from jobsched.protocol.address import parse_address
-from jobsched.protocol.messages import PROTOCOL_VERSION
 from support import (
     HELLO,
     challenge_body,
@@ -56,6 +51,11 @@ from support import (
 )
 
 import jobsched
+from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, InitiatorHandshake, Role
+from jobsched.protocol import handshake as hs_module
+from jobsched.protocol import messages as m
+from jobsched.protocol.address import parse_address
+from jobsched.protocol.messages import PROTOCOL_VERSION
 
 SECRET = "security-test-" + secrets.token_hex(16)
 

@@ -20,8 +20,6 @@ import time
 import psutil
 import pytest
 from joblib import Parallel, delayed, parallel_config
-from jobsched.client import client as client_module
-from jobsched.payload import shm
 from support import (
     MB,
     daemon_env,
@@ -36,6 +34,8 @@ from support import (
 from tasks import slice_sum
 
 import jobsched
+from jobsched.client import client as client_module
+from jobsched.payload import shm
 
 pytestmark = pytest.mark.skipif(not shm.share_domain(), reason="no usable /dev/shm here")
 

@@ -14,9 +14,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support import daemon_env, shm_path
+
 from jobsched.payload import shm
 from jobsched.payload.shm import SHM_DIR, attach, share_domain, sweep_stale_segments
-from support import daemon_env, shm_path
 
 pytestmark = [
     pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason=f"no {SHM_DIR} here"),

@@ -8,10 +8,11 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import private_file
+
 from jobsched.protocol import DEFAULT_PORT, Address, is_loopback_host, parse_address
 from jobsched.runtime.scheduler_file import read_scheduler_file, write_scheduler_file
 from jobsched.runtime.secret import ENV_SECRET, ENV_SECRET_FILE, SecretError, load_secret, read_secret_file
-from support import private_file
 
 # ------------------------------------------------------------------ addresses
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from support import write_file
+
 from jobsched.runtime import config
 from jobsched.worker.cli import build_parser as worker_parser
-from support import write_file
 
 
 @pytest.fixture

@@ -10,11 +10,12 @@ followed by ``validate()`` (SchedulerState's, which includes DataDirectory's:
 from __future__ import annotations
 
 import pytest
+from support import SchedulerSim
+
 from jobsched.payload.shm import MAX_FRAMES
 from jobsched.protocol import messages as m
 from jobsched.scheduler.data import DataDirectory, Segment
 from jobsched.scheduler.state import Send
-from support import SchedulerSim
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jobsched.protocol import PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, FrameTooLarge, ProtocolError, encode_frame
 from support import frame_bytes
+
+from jobsched.protocol import PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, FrameTooLarge, ProtocolError, encode_frame
 
 HEADER = struct.Struct("!IH")
 LENGTH = struct.Struct("!Q")

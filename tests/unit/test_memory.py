@@ -2,6 +2,7 @@
 
 import psutil
 import pytest
+
 from jobsched.worker.memory import available_memory, parse_memory_limit
 
 RAM = psutil.virtual_memory().total

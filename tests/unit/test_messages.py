@@ -9,9 +9,10 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import message_bytes
+
 from jobsched.protocol import Frame, FrameDecoder, MalformedMessage, ProtocolError
 from jobsched.protocol import messages as m
-from support import message_bytes
 
 REGISTRY = m.registry()
 OPS = sorted(REGISTRY)

@@ -3,9 +3,10 @@ batch queued on a busy worker, and a worker that dies with one is not blamed for
 
 from __future__ import annotations
 
+from support import SchedulerSim
+
 from jobsched.protocol import messages as m
 from jobsched.scheduler.state import SHORT_BATCH, Send, Ticked
-from support import SchedulerSim
 
 
 def executes(commands: list) -> list[tuple[int, int]]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from support import HB, SchedulerSim
+
 from jobsched.protocol import messages as m
 from jobsched.scheduler.state import (
     Close,
@@ -20,7 +22,6 @@ from jobsched.scheduler.state import (
     Send,
     Ticked,
 )
-from support import HB, SchedulerSim
 
 
 def payload(batch_id: int) -> tuple:

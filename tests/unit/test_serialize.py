@@ -9,6 +9,8 @@ import types
 
 import numpy as np
 import pytest
+from support import frame_bytes
+
 from jobsched.payload.serialize import (
     OUT_OF_BAND_MIN,
     RemoteError,
@@ -19,7 +21,6 @@ from jobsched.payload.serialize import (
     loads,
 )
 from jobsched.protocol import FrameDecoder
-from support import frame_bytes
 
 
 def over_the_wire(frames: list) -> tuple:
@@ -354,6 +355,7 @@ def test_a_payload_with_1024_large_arrays_fits_the_default_frame_caps():
 
 def test_a_call_remembers_what_pickles_by_reference_until_the_registry_changes(monkeypatch):
     import cloudpickle
+
     from jobsched.client.scatter import ByReference, dumps_batch
 
     module = types.ModuleType("jobsched_test_by_reference")

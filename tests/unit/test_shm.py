@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import shm_path
+
 from jobsched.payload import shm
 from jobsched.payload.serialize import dumps, loads_readonly
 from jobsched.payload.shm import (
@@ -28,7 +30,6 @@ from jobsched.payload.shm import (
     valid_reference,
     worth_sharing,
 )
-from support import shm_path
 
 pytestmark = [
     pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason=f"no {SHM_DIR} here"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from jobsched.protocol import messages as m
 from jobsched.worker.state import (
     CancelReceived,

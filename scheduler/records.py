@@ -1,0 +1,126 @@
+"""What the scheduler's state machine takes and gives (events, commands) and what it keeps
+about peers, calls and batches (records).  Plain data: ``state.py`` holds the logic."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..protocol import messages as m
+
+ConnId = int
+CallKey = tuple[ConnId, int]
+SHORT_BATCH = 0.02  # seconds: calls whose batches run shorter than this get prefetching
+LogEvent = dict[str, Any]  # {"time": float, "kind": str, "text": str}: a join, death or failure, for people
+
+
+# ------------------------------------------------------------------- events
+@dataclass(frozen=True, slots=True)
+class PeerConnected:
+    conn: ConnId
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    conn: ConnId
+    message: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDisconnected:
+    conn: ConnId
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ticked:
+    now: float
+
+
+Event = PeerConnected | MessageReceived | PeerDisconnected | Ticked
+
+
+# ----------------------------------------------------------------- commands
+@dataclass(frozen=True, slots=True)
+class Send:
+    conn: ConnId
+    message: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    conn: ConnId
+    reason: str
+
+
+Command = Send | Close
+
+
+# ------------------------------------------------------------------ records
+@dataclass(slots=True)
+class TaskRecord:
+    task_id: int
+    call: CallKey
+    batch_id: int
+    func_name: str
+    frames: m.Frames
+    queued_at: float
+    keys: list[str] = field(default_factory=list)  # scattered data it needs
+    attempt: int = 0
+    worker: ConnId | None = None
+    deaths: int = 0
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class CallRecord:
+    key: CallKey
+    max_running: int  # 0: no cap
+    queue: deque[int] = field(default_factory=deque)  # task ids waiting
+    running: dict[int, None] = field(default_factory=dict)  # task_id -> None, an ordered set
+    mean_duration: float = -1.0  # moving average of its batches' run time; -1: none finished yet
+
+    @property
+    def short(self) -> bool:
+        return 0.0 <= self.mean_duration < SHORT_BATCH
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.queue) and (self.max_running == 0 or len(self.running) < self.max_running)
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    conn: ConnId
+    address: str
+    name: str
+    nthreads: int
+    host: str
+    pid: int
+    memory_limit: int
+    last_seen: float
+    memory: int = 0
+    running: dict[int, None] = field(default_factory=dict)  # task_id -> None, an ordered set
+    completed: int = 0
+    status: str = m.RUNNING
+    last_words: str = ""  # the reason it gave before closing, if any
+
+    @property
+    def has_room(self) -> bool:
+        return self.status == m.RUNNING and len(self.running) < self.nthreads
+
+    @property
+    def can_prefetch(self) -> bool:
+        """Every slot busy, but room to hold one more batch per slot, ready to start."""
+        return self.status == m.RUNNING and self.nthreads <= len(self.running) < 2 * self.nthreads
+
+
+@dataclass(slots=True)
+class ClientRecord:
+    conn: ConnId
+    name: str
+    pid: int
+    host: str
+    calls: dict[int, CallRecord] = field(default_factory=dict)  # call_id -> CallRecord
