@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from jobsched.protocol import messages as m
-from jobsched.worker.state import (
+from jobsched.worker.events import (
     CancelReceived,
     DataArrived,
     DataDeleted,
@@ -20,8 +21,8 @@ from jobsched.worker.state import (
     TaskCompleted,
     TaskWithdrawn,
     WithdrawTask,
-    WorkerState,
 )
+from jobsched.worker.state import WorkerState
 
 
 class Sim:
