@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
+from typing import cast
 
 from ..payload.serialize import loads_readonly
 from ..payload.shm import SharedSegment, attach, share_domain, sweep_stale_segments
@@ -45,9 +46,9 @@ class DataService:
         """Listen for peers on ``host`` (the interface we reach the scheduler on)."""
         if self._server is None:
             server = await start_server(host, port, self.secret, frozenset({Role.PEER}), self._on_peer, ssl=self.server_ssl)
-            assert isinstance(server, asyncio.Server)  # what asyncio's start_server makes: it has sockets
             self._server = server
-            sock_host, sock_port = server.sockets[0].getsockname()[:2]
+            # asyncio's (and uvloop's) servers have sockets; AbstractServer does not declare them
+            sock_host, sock_port = cast("asyncio.Server", server).sockets[0].getsockname()[:2]
             scheme = "tls" if self.server_ssl else "tcp"
             self.address = f"{scheme}://[{sock_host}]:{sock_port}" if ":" in sock_host else f"{scheme}://{sock_host}:{sock_port}"
         return self.address
