@@ -1,7 +1,9 @@
 """The worker daemon: connects to the scheduler, runs batches in threads, reports back.
 
 It wires three pieces together: the connection (``protocol.aio``), the pure
-``WorkerState`` and the threads running ``executor.run_batch``.  When the
+``WorkerState`` and the threads running ``executor.run_batch``.  Every decision is
+the state's: the daemon feeds it events (messages, finished batches, clock ticks,
+memory samples, the outcomes of its own work) and carries out its commands.  When the
 scheduler goes away it reconnects with exponential backoff, and gives up after
 ``death_timeout`` seconds without a scheduler (exit status 1, so a service
 manager restarts it).  On SIGTERM it drains: it tells the scheduler it is
@@ -26,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -96,6 +98,14 @@ class FatalWorkerError(JobschedError):
     """Retrying cannot help (wrong secret, version mismatch, refused registration)."""
 
 
+class Executor(Protocol):
+    """What the daemon needs of ``BatchThreads``."""
+
+    def submit(self, key: Any, frames: tuple) -> None: ...
+    def withdraw(self, key: Any) -> bool: ...
+    def shutdown(self) -> None: ...
+
+
 class WorkerDaemon:
     def __init__(
         self,
@@ -113,10 +123,11 @@ class WorkerDaemon:
         data_port: int = 0,
         cancel_grace: float = 10.0,
         supervised: bool = False,
-        threads: BatchThreads | None = None,
+        executor: Callable[[int, Callable[[Any, str, list, float], None]], Executor] = BatchThreads,
         connect: Callable[..., Awaitable[Connection]] = open_connection,
     ) -> None:
-        """``threads`` and ``connect`` (``protocol.aio.open_connection``) can be replaced in tests."""
+        """``executor`` (made with ``nthreads`` and the callback for outcomes) and ``connect``
+        (as ``protocol.aio.open_connection``) can be replaced in tests."""
         if address is None and scheduler_file is None:
             raise ValueError("a worker needs the scheduler's address or a scheduler file")
         self.address = address
@@ -129,7 +140,7 @@ class WorkerDaemon:
         self.ssl = ssl
         self.data_port = data_port
         self.state = WorkerState(WorkerConfig(cancel_grace, supervised, memory_limit, drain_timeout, bool(share_domain())))
-        self.threads = threads or BatchThreads(nthreads, self._finished)
+        self.threads = executor(nthreads, self._finished)
         self._connect = connect
         self.data = DataService(secret, data_ssl, ssl)
         self._process = psutil.Process()
