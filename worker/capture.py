@@ -104,7 +104,7 @@ class _LogCollector(logging.Handler):
             message = record.getMessage()
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
-        except Exception:  # a broken %-format must not fail the task
+        except Exception:  # noqa: BLE001 - a broken %-format must not fail the task
             message = str(record.msg)
         capture.events.append(("log", record.name, record.levelno, message, record.pathname, record.lineno, record.funcName))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
+from typing import cast
 
 from ..payload.serialize import loads_readonly
 from ..payload.shm import SharedSegment, attach, share_domain, sweep_stale_segments
@@ -44,8 +45,10 @@ class DataService:
     async def start(self, host: str, port: int = 0) -> str:
         """Listen for peers on ``host`` (the interface we reach the scheduler on)."""
         if self._server is None:
-            self._server = await start_server(host, port, self.secret, frozenset({Role.PEER}), self._on_peer, ssl=self.server_ssl)
-            sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
+            server = await start_server(host, port, self.secret, frozenset({Role.PEER}), self._on_peer, ssl=self.server_ssl)
+            self._server = server
+            # asyncio's (and uvloop's) servers have sockets; AbstractServer does not declare them
+            sock_host, sock_port = cast("asyncio.Server", server).sockets[0].getsockname()[:2]
             scheme = "tls" if self.server_ssl else "tcp"
             self.address = f"{scheme}://[{sock_host}]:{sock_port}" if ":" in sock_host else f"{scheme}://{sock_host}:{sock_port}"
         return self.address
@@ -102,11 +105,12 @@ class DataService:
     # -------------------------------------------------------------- serving
     def _on_peer(self, conn: Connection) -> None:
         def on_message(_c: Connection, message: m.Message) -> None:
-            if type(message) is m.FetchData:
-                frames = self.frames.get(message.key)  # type: ignore[attr-defined]
-                conn.send(m.DataReply(message.key, frames is not None, frames or ()))  # type: ignore[attr-defined]
-            else:
-                conn.abort(f"unexpected {message.op!r} on the data port")
+            match message:
+                case m.FetchData(key=key):
+                    frames = self.frames.get(key)
+                    conn.send(m.DataReply(key, frames is not None, frames or ()))
+                case _:
+                    conn.abort(f"unexpected {message.op!r} on the data port")
 
         conn.set_handlers(on_message, lambda _c, _r: None)
 
@@ -124,8 +128,9 @@ class DataService:
             reply: asyncio.Future = asyncio.get_running_loop().create_future()
 
             def on_message(_c: Connection, message: m.Message, reply=reply) -> None:
-                if type(message) is m.DataReply and not reply.done():
-                    reply.set_result(message)
+                match message:
+                    case m.DataReply() if not reply.done():
+                        reply.set_result(message)
 
             def on_close(_c: Connection, reason: str, reply=reply) -> None:
                 if not reply.done():

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobsched.protocol import messages as m
-from jobsched.worker.state import (
+from jobsched.worker.events import (
     CancelReceived,
     DataArrived,
     DataDeleted,
@@ -21,8 +21,8 @@ from jobsched.worker.state import (
     TaskCompleted,
     TaskWithdrawn,
     WithdrawTask,
-    WorkerState,
 )
+from jobsched.worker.state import WorkerState
 
 
 class Sim:
