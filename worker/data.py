@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
-from typing import cast
 
 from ..payload.serialize import loads_readonly
 from ..payload.shm import SharedSegment, attach, share_domain, sweep_stale_segments
@@ -47,8 +46,7 @@ class DataService:
         if self._server is None:
             server = await start_server(host, port, self.secret, frozenset({Role.PEER}), self._on_peer, ssl=self.server_ssl)
             self._server = server
-            # asyncio's (and uvloop's) servers have sockets; AbstractServer does not declare them
-            sock_host, sock_port = cast("asyncio.Server", server).sockets[0].getsockname()[:2]
+            sock_host, sock_port = server.sockets[0].getsockname()[:2]
             scheme = "tls" if self.server_ssl else "tcp"
             self.address = f"{scheme}://[{sock_host}]:{sock_port}" if ":" in sock_host else f"{scheme}://{sock_host}:{sock_port}"
         return self.address
