@@ -62,6 +62,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     ``scheduler``: an address or a ``Client`` (default: the current Client, else an
     embedded local cluster); ``secret``: the shared secret for an address;
     ``wait_for_workers_timeout``: seconds to wait for a first worker before failing;
+    ``reconnect_timeout``: seconds a call waits for a lost scheduler to come back before its
+    batches fail with ``SchedulerUnreachableError`` (default: the Client's, 60);
     ``capture_output`` (default True): replay what tasks print on ``sys.stdout``/``sys.stderr``;
     ``capture_warnings`` (default True): re-issue the tasks' warnings in the caller;
     ``forward_logging`` (default ``logging.WARNING``): forward the tasks' log records at this
@@ -104,12 +106,16 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         pre_dispatch: str | int = DEFAULT_PRE_DISPATCH,
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
+        reconnect_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **kwargs)
         self.scheduler = scheduler
         self.secret = secret
         self.wait_for_workers_timeout = wait_for_workers_timeout
+        if reconnect_timeout is not None and not reconnect_timeout >= 0:
+            raise ValueError(f"reconnect_timeout must be >= 0 seconds, not {reconnect_timeout!r}")
+        self.reconnect_timeout = reconnect_timeout
         if forward_logging is True:
             forward_logging = logging.WARNING
         self.capture_output = bool(capture_output)
@@ -139,6 +145,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     # ----------------------------------------------------------- joblib API
     def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None, require: Any = None, **kwargs: Any) -> int:
         self.client = self._resolve_client()
+        if self.reconnect_timeout is not None:  # the Client's own setting otherwise
+            self.client.reconnect_timeout = self.reconnect_timeout
         self.client.ensure_connected()
         if prefer == "threads" and self.local_threads and self._cluster_on_this_machine():
             raise FallbackToBackend(ThreadingBackend(nesting_level=self.nesting_level))

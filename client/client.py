@@ -5,6 +5,10 @@ does the socket I/O, and also unpickles results, replays the tasks' output and
 completes the futures, whose callbacks (joblib's) pickle and submit the next
 batch right there.  Keeping that path on one thread saves two thread hand-offs
 per batch; it never waits on another thread, so it cannot deadlock the loop.
+
+Every decision (what to resend after a reconnection, when to reconnect, when to
+give up, when the scheduler is taken for gone) is ``ClientState``'s; this module
+feeds it events, under a lock since both threads do, and carries out its commands.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
 import pickle
+import secrets
 import socket
 import threading
 import time
@@ -37,9 +43,32 @@ from .errors import ClusterError, NoWorkersError, SchedulerUnreachableError, Wor
 from .local_cluster import LocalCluster
 from .replay import replay
 from .scatter import ScatteredRef, new_key
+from .state import (
+    BatchDoneReceived,
+    BatchRecord,
+    BatchSubmitted,
+    CallCancelled,
+    ClientConfig,
+    ClientState,
+    Command,
+    Connect,
+    Connected,
+    ConnectFailed,
+    ConnectionLost,
+    DataRegistered,
+    DataReleased,
+    Deliver,
+    Disconnect,
+    Event,
+    Fail,
+    MessageReceived,
+    Send,
+    Ticked,
+)
 
 log = logging.getLogger("jobsched.client")
 
+TICK_INTERVAL = 0.25  # seconds: heartbeats, silence and reconnection are decided on ticks
 _open_clients: list[weakref.ref[Client]] = []
 _open_lock = threading.Lock()
 
@@ -60,6 +89,13 @@ class Client:
     ``Client("tcp://host:8686")``, ``Client(scheduler_file=path)``, or ``Client()``: the
     scheduler named by ``JOBSCHED_SCHEDULER`` / ``JOBSCHED_SCHEDULER_FILE`` if set, else a
     local cluster of ``n_workers`` worker processes (default: one per core).
+
+    When the connection to the scheduler drops (a restart, a freeze, a lost link) calls
+    in flight wait while the client reconnects; once back, it registers its scattered
+    data again and resubmits every batch still waiting.  ``reconnect_timeout`` (seconds,
+    default 60) bounds that wait: past it the waiting batches fail with
+    ``SchedulerUnreachableError``.  A scheduler that sends nothing for
+    ``heartbeat_timeout`` seconds (default 10; it beats every second) is taken for gone.
     """
 
     def __init__(
@@ -77,7 +113,11 @@ class Client:
         tls_ca_file: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        reconnect_timeout: float = 60.0,
+        heartbeat_timeout: float = 10.0,
     ) -> None:
+        if not reconnect_timeout >= 0 or not heartbeat_timeout > 0:
+            raise ValueError("reconnect_timeout must be >= 0 and heartbeat_timeout > 0 (seconds)")
         self.cluster: LocalCluster | None = None
         self._owns_cluster = False
         self.closed = False
@@ -99,6 +139,10 @@ class Client:
         self.secret = load_secret(secret_file, secret)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
 
+        # names this client's batches across reconnections and scheduler restarts
+        self.session = secrets.token_hex(8)
+        self._state = ClientState(ClientConfig(reconnect_timeout, heartbeat_timeout))
+        self._state_lock = threading.Lock()
         self._batch_ids = itertools.count(1)
         self._call_ids = itertools.count(1)
         self._request_ids = itertools.count(1)
@@ -113,6 +157,8 @@ class Client:
         self._segments: dict[str, Future] = {}
         self._writer: ThreadPoolExecutor | None = None
         self._uploads: set[asyncio.Task] = set()
+        self._ticker: asyncio.Task | None = None
+        self._reconnecting: asyncio.Task | None = None
 
         self._loop = new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="jobsched-client-io", daemon=True)
@@ -128,9 +174,63 @@ class Client:
             with _open_lock:
                 _open_clients.append(weakref.ref(self))
 
+    @property
+    def reconnect_timeout(self) -> float:
+        return self._state.config.reconnect_timeout
+
+    @reconnect_timeout.setter
+    def reconnect_timeout(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"reconnect_timeout must be >= 0 seconds, not {seconds!r}")
+        with self._state_lock:
+            self._state.config = dataclasses.replace(self._state.config, reconnect_timeout=float(seconds))
+
+    # ------------------------------------------------------------- the state
+    def _handle(self, event: Event) -> None:
+        with self._state_lock:
+            commands = self._state.handle(event)
+        for command in commands:  # outside the lock: a future's callback submits the next batch
+            self._carry_out(command)
+
+    def _carry_out(self, command: Command) -> None:
+        match command:
+            case Send(message):
+                self._send(message)
+            case Deliver(message):
+                self._deliver(message)
+            case Fail(batch_ids, reason):
+                for batch_id in batch_ids:
+                    entry = self._pending.pop(batch_id, None)
+                    if entry is not None:
+                        entry[0].set_exception(SchedulerUnreachableError(f"{reason} (scheduler {self.address})"))
+            case Connect():
+                self._loop.call_soon_threadsafe(self._start_reconnecting)
+            case Disconnect(reason):
+                conn = self._conn
+                if conn is not None:
+                    log.warning("closing the connection to the scheduler at %s: %s", self.address, reason)
+                    self._loop.call_soon_threadsafe(conn.abort, reason)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_INTERVAL)
+            self._handle(Ticked(time.monotonic()))
+
+    def _start_reconnecting(self) -> None:
+        if self.closed or (self._reconnecting is not None and not self._reconnecting.done()):
+            return
+        self._reconnecting = self._loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._open()
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the state decides when to retry
+            log.info("reconnecting to the scheduler at %s failed: %s", self.address, exc or type(exc).__name__)
+            self._handle(ConnectFailed(str(exc) or type(exc).__name__, time.monotonic()))
+
     # ------------------------------------------------------------ connection
     def _connect(self) -> None:
-        future = asyncio.run_coroutine_threadsafe(self._open(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._open_unless_reconnecting(), self._loop)
         try:
             future.result(self.timeout + 1)
         except HandshakeError:
@@ -140,6 +240,13 @@ class Client:
             reason = str(exc) or f"no handshake within {self.timeout:.0f} s"
             raise SchedulerUnreachableError(f"cannot reach the scheduler at {self.address}: {reason}") from None
 
+    async def _open_unless_reconnecting(self) -> None:
+        """Connect now, or wait for the reconnection under way: never two connections at once."""
+        if self._reconnecting is not None and not self._reconnecting.done():
+            await asyncio.shield(self._reconnecting)
+        if self._conn is None or self._conn.closed:
+            await self._open()
+
     async def _open(self) -> None:
         conn = await open_connection(
             self.address.host, self.address.port, Role.CLIENT, self.secret, ssl=self._ssl, timeout=self.timeout
@@ -147,9 +254,13 @@ class Client:
         welcomed = self._loop.create_future()
 
         def on_message(_c: Connection, message: m.Message) -> None:
+            now = time.monotonic()
             match message:  # the most frequent first
                 case m.BatchDone():
-                    self._deliver(message)
+                    self._handle(BatchDoneReceived(message, now))
+                    return
+                case m.Heartbeat():
+                    pass  # the scheduler is alive
                 case m.InfoReply():
                     request = self._requests.pop(message.request_id, None)
                     if request is not None:
@@ -165,24 +276,35 @@ class Client:
                     conn.close(message.reason)
                 case _:
                     conn.abort(f"unexpected {message.op!r} from the scheduler")
+            self._handle(MessageReceived(now))
 
         def on_close(_c: Connection, reason: str) -> None:
             if not welcomed.done():
                 welcomed.set_exception(ConnectionError(reason))
-            self._fail_all(conn, reason)
+            if conn is self._conn:
+                self._conn = None
+                if not self.closed:
+                    log.warning("lost the scheduler at %s: %s; reconnecting", self.address, reason)
+                    self._handle(ConnectionLost(reason, time.monotonic()))
 
         conn.set_handlers(on_message, on_close)
-        conn.send(m.RegisterClient(self.name, os.getpid(), socket.gethostname()))
-        await asyncio.wait_for(welcomed, self.timeout)
+        conn.send(m.RegisterClient(self.name, os.getpid(), socket.gethostname(), self.session))
+        try:
+            welcome = await asyncio.wait_for(welcomed, self.timeout)
+        except BaseException:
+            conn.abort("no welcome")
+            raise
         self._conn = conn
-        for key, frames in self._data.items():  # a restarted scheduler knows none of our data
-            conn.send(m.DataRegister(key, m.frames_nbytes(frames), False))
         self._flush_outbox()
+        self._handle(Connected(time.monotonic(), welcome.heartbeat_interval))  # resends what waits
+        if self._ticker is None:
+            self._ticker = self._loop.create_task(self._tick_forever())
 
     def ensure_connected(self) -> None:
-        """Reconnect if the scheduler connection was lost (e.g. the scheduler restarted)."""
+        """Reconnect now if the client gave up on a lost scheduler (``reconnect_timeout``
+        passed); while it is still reconnecting, calls wait for it instead."""
         self._check_open()
-        if self._conn is None or self._conn.closed:
+        if self._state.gave_up:
             self._connect()
 
     def _check_open(self) -> None:
@@ -210,12 +332,7 @@ class Client:
             self._wakeup_scheduled = False
         conn = self._conn
         if conn is None or conn.closed:
-            # the connection-lost path fails what was pending; fail what was queued after it
-            for message in messages:
-                if type(message) is m.SubmitBatch:
-                    error = f"not connected to the scheduler at {self.address}"
-                    self._deliver(m.BatchDone(message.batch_id, m.FAILED, "", error))
-            return
+            return  # lost with the connection: the state resends what still matters once back
         for message in messages:
             conn.send(message)
 
@@ -225,12 +342,9 @@ class Client:
         """Send a pickled batch; the returned future resolves to its result (or exception)."""
         future: Future = Future()
         batch_id = next(self._batch_ids)
-        conn = self._conn
-        if conn is None or conn.closed:
-            future.set_exception(SchedulerUnreachableError(f"not connected to the scheduler at {self.address}"))
-            return future
         self._pending[batch_id] = (future, call_id)
-        self._send(m.SubmitBatch(batch_id, call_id, func_name[:200], max_running, tuple(frames), keys or []))
+        self._handle(BatchSubmitted(BatchRecord(batch_id, call_id, func_name[:200], max_running, tuple(frames),
+                                                tuple(keys or ()))))
         return future
 
     def new_call_id(self) -> int:
@@ -240,8 +354,7 @@ class Client:
         """Drop a call's queued batches and cancel its running ones; their futures are forgotten."""
         for batch_id in [b for b, (_, c) in list(self._pending.items()) if c == call_id]:
             self._pending.pop(batch_id, None)
-        if self._conn is not None and not self._conn.closed:
-            self._send(m.CancelCall(call_id))
+        self._handle(CallCancelled(call_id))
 
     # --------------------------------------------------------- scattered data
     def scatter(self, obj: Any, broadcast: bool = False) -> ScatteredRef:
@@ -262,14 +375,14 @@ class Client:
     def register_data(self, key: str, frames: list, *, broadcast: bool = False) -> None:
         """Make pickled ``frames`` available to the workers under ``key`` (kept until released)."""
         self._data[key] = tuple(frames)
-        self._send(m.DataRegister(key, m.frames_nbytes(frames), broadcast))
+        self._handle(DataRegistered(key, m.frames_nbytes(frames), broadcast))
 
     def release(self, keys: list[str]) -> None:
         """Free scattered data on every worker and here."""
         keys = [k for k in keys if self._data.pop(k, None) is not None]
         self._unlink_segments(keys)
         if keys and not self.closed:
-            self._send(m.ReleaseData(keys))
+            self._handle(DataReleased(tuple(keys)))
 
     async def _upload(self, conn: Connection, request: m.UploadRequest) -> None:
         """Send our copy of ``request.key``: as a shared segment to a worker on this machine."""
@@ -331,29 +444,17 @@ class Client:
                 error = WorkerLostError(message.error)
             elif status == m.NO_WORKERS:
                 error = NoWorkersError(message.error)
-            elif status == m.FAILED and message.error.startswith("not connected"):
-                error = SchedulerUnreachableError(message.error)
             else:
                 error = ClusterError(message.error or f"batch failed with status {status!r}")
         except Exception as exc:  # noqa: BLE001 - any failure to load the result is the batch's error (e.g. its class cannot be unpickled here)
             error = exc
         future.set_exception(error)
 
-    def _fail_all(self, conn: Connection, reason: str) -> None:
-        if conn is not self._conn:
-            return
-        self._conn = None
-        if self.closed:
-            return
-        log.warning("lost the scheduler at %s: %s", self.address, reason)
-        pending, self._pending = self._pending, {}
-        for future, _ in pending.values():
-            future.set_exception(SchedulerUnreachableError(f"lost the scheduler at {self.address}: {reason}"))
-
     # ------------------------------------------------------------ information
     def scheduler_info(self) -> dict:
         """The scheduler's view: ``address``, ``workers`` (by address: name, nthreads, running, ...)."""
         self._check_open()
+        self._wait_while_reconnecting()
         future: Future = Future()
         request_id = next(self._request_ids)
 
@@ -370,6 +471,14 @@ class Client:
             return future.result(self.timeout)
         except TimeoutError:
             raise SchedulerUnreachableError(f"the scheduler at {self.address} did not answer within {self.timeout} s") from None
+
+    def _wait_while_reconnecting(self) -> None:
+        """A request made while the client reconnects waits for it, up to ``timeout``."""
+        deadline = time.monotonic() + self.timeout
+        while self._conn is None and self._state.lost_since is not None and not self._state.gave_up:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
     def total_slots(self) -> int:
         return sum(w["nthreads"] for w in self.scheduler_info()["workers"].values())
@@ -392,6 +501,9 @@ class Client:
         self.closed = True
 
         def shutdown() -> None:
+            for task in (self._ticker, self._reconnecting):
+                if task is not None:
+                    task.cancel()
             if self._conn is not None:
                 self._conn.close("client closed")
 

@@ -37,7 +37,9 @@ M = TypeVar("M", bound="Message")
 
 # 3: a batch carries its call context pickled once per call; scattered data may be shared
 # through /dev/shm (share domains, segments)
-PROTOCOL_VERSION = 3
+# 4: batches keep their identity across scheduler restarts (client sessions, batch refs,
+# Recovered); the scheduler sends heartbeats too
+PROTOCOL_VERSION = 4
 
 # Batch/task outcomes carried by BatchDone and TaskDone.
 OK = "ok"  # frames: the pickled result
@@ -168,6 +170,9 @@ class RegisterClient(Message):
     name: str = ""
     pid: int = 0
     host: str = ""
+    # chosen by the client once and kept across reconnections: with a batch id it names a
+    # batch whatever the scheduler's incarnation (see Execute.ref)
+    session: str = ""
 
 
 @message("register-worker")
@@ -179,6 +184,7 @@ class RegisterWorker(Message):
     memory_limit: int = 0
     data_address: str = ""  # where peers fetch the data this worker holds
     share_domain: str = ""  # processes of one domain map each other's shared segments (payload.shm)
+    running: list[str] = dataclasses.field(default_factory=list)  # refs of batches still running from before
 
 
 @message("welcome")
@@ -198,6 +204,8 @@ class Closing(Message):
 
 @message("heartbeat")
 class Heartbeat(Message):
+    """Every peer sends one each heartbeat interval; a worker's carries its memory."""
+
     memory: int = 0
 
 
@@ -263,6 +271,18 @@ class Execute(Message):
     func_name: str = ""
     frames: Frames = dataclasses.field(default=(), repr=False)
     keys: list[str] = dataclasses.field(default_factory=list)
+    ref: str = ""  # "<client session>/<batch id>": the batch's name across scheduler restarts
+
+
+@message("recovered")
+class Recovered(Message):
+    """Worker -> scheduler: the outcome of a batch it was given by an earlier session (the
+    scheduler restarted, or the link dropped), named by its ref rather than its task id."""
+
+    ref: str = ""
+    status: str = OK
+    duration: float = 0.0
+    frames: Frames = dataclasses.field(default=(), repr=False)
 
 
 @message("cancel")

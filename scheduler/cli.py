@@ -35,11 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--scheduler-file", default=None, help="write the address here (JSON) once listening")
     p.add_argument("--heartbeat-timeout", type=positive(float), default=30.0,
-                   help="seconds of silence after which a worker is declared dead (default 30)")
+                   help="seconds of silence after which a worker or client is declared gone (default 30)")
     p.add_argument("--allowed-failures", type=positive(int), default=3,
                    help="workers a batch may see die before it fails with WorkerLostError (default 3)")
     p.add_argument("--no-worker-timeout", type=positive(float), default=60.0,
                    help="seconds a batch waits while no worker is connected before it fails (default 60)")
+    p.add_argument("--paused-timeout", type=positive(float), default=60.0,
+                   help="seconds batches wait while every worker is paused by its memory limit before "
+                   "they fail (default 60)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="never send a busy worker a batch to hold (by default, calls whose batches run "
                    "under 20 ms get one extra batch per slot, so workers do not wait a round trip)")
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_timeout=float(args.heartbeat_timeout),
         max_deaths=int(args.allowed_failures),
         no_worker_timeout=float(args.no_worker_timeout),
+        paused_timeout=float(args.paused_timeout),
         prefetch=not args.no_prefetch,
     )
 

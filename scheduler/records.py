@@ -72,6 +72,8 @@ class TaskRecord:
     worker: ConnId | None = None
     deaths: int = 0
     cancelled: bool = False
+    ref: str = ""  # "<client session>/<batch id>": names the batch across scheduler restarts
+    adopted: bool = False  # running on its worker since before this scheduler knew it (see Recovered)
 
 
 @dataclass(slots=True)
@@ -106,15 +108,18 @@ class WorkerRecord:
     completed: int = 0
     status: str = m.RUNNING
     last_words: str = ""  # the reason it gave before closing, if any
+    # refs of batches from before its registration that it still runs and no client has
+    # claimed yet: they hold a slot until their Recovered arrives
+    orphans: dict[str, None] = field(default_factory=dict)
 
     @property
     def has_room(self) -> bool:
-        return self.status == m.RUNNING and len(self.running) < self.nthreads
+        return self.status == m.RUNNING and len(self.running) + len(self.orphans) < self.nthreads
 
     @property
     def can_prefetch(self) -> bool:
         """Every slot busy, but room to hold one more batch per slot, ready to start."""
-        return self.status == m.RUNNING and self.nthreads <= len(self.running) < 2 * self.nthreads
+        return self.status == m.RUNNING and self.nthreads <= len(self.running) + len(self.orphans) < 2 * self.nthreads
 
 
 @dataclass(slots=True)
@@ -123,4 +128,7 @@ class ClientRecord:
     name: str
     pid: int
     host: str
+    session: str = ""  # chosen by the client, kept across its reconnections
+    last_seen: float = 0.0
+    beats: bool = False  # it sends heartbeats, so its silence means it is gone
     calls: dict[int, CallRecord] = field(default_factory=dict)  # call_id -> CallRecord

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import secrets
 import socket
 import ssl as ssl_module
 import time
@@ -67,7 +68,10 @@ class SchedulerServer:
             host = socket.getfqdn()
         host = f"[{host}]" if ":" in host else host
         self.address = f"{'tls' if self.ssl else 'tcp'}://{host}:{sockname[1]}"
-        config = SchedulerConfig(**{**self.config.__dict__, "address": self.address})
+        # task ids start at a random point in each incarnation: a worker still running an earlier
+        # scheduler's batch 7 must never mistake this one's batch 7 for it
+        first_task_id = secrets.randbits(40) << 12
+        config = SchedulerConfig(**{**self.config.__dict__, "address": self.address, "first_task_id": first_task_id})
         self.state = SchedulerState(config)
         self._dispatch(Ticked(time.monotonic()))
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())

@@ -55,6 +55,10 @@ class SchedulerConfig:
     heartbeat_timeout: float = 30.0  # silence after which a worker is declared dead
     max_deaths: int = 3  # workers a batch may take down before it fails
     no_worker_timeout: float = 60.0  # how long a batch waits when no worker is connected
+    paused_timeout: float = 60.0  # how long batches wait while every worker is paused by its memory limit
+    recovery_window: float = 300.0  # how long an outcome of an unclaimed batch from before is kept
+    first_task_id: int = 1  # the server starts each incarnation elsewhere, so ids never repeat on a worker
+    heartbeats: bool = True  # send every peer a heartbeat each interval, so that it notices a frozen scheduler
     # Send a worker whose slots are all busy one more batch per slot, when the call's batches are
     # short: it starts the next at once instead of waiting a round trip.  Long batches never
     # wait behind another one, so the load stays balanced at the end of a call.
@@ -76,7 +80,12 @@ class SchedulerState:
         self.free_workers: dict[ConnId, WorkerRecord] = {}  # ordered: round robin
         self.prefetch_workers: dict[ConnId, WorkerRecord] = {}  # all slots busy, may hold more
         self.data = DataDirectory()
-        self._next_task_id = 1
+        self._next_task_id = config.first_task_id
+        self.by_ref: dict[str, int] = {}  # ref -> task id, for the tasks that have one
+        self.orphan_of: dict[str, ConnId] = {}  # unclaimed ref -> the worker running it
+        self.recovered: dict[str, tuple[m.Recovered, float]] = {}  # unclaimed outcomes, with their arrival
+        self.all_paused_since: float | None = None
+        self.next_heartbeat = 0.0
         self.stale_results = 0
         self.counters: Counter[str] = Counter()  # submitted, done:<status>, requeued, worker_deaths, ...
         self.events: deque[LogEvent] = deque(maxlen=100)  # recent joins, deaths and failures, for people
@@ -112,13 +121,15 @@ class SchedulerState:
             return
         client = self.clients.get(conn)
         if client is not None:
+            client.last_seen = self.now
             self._on_client_message(client, msg, out)
             return
         match msg:
             case m.RegisterWorker():
                 self._register_worker(conn, msg, out)
             case m.RegisterClient():
-                client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME])
+                client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME], msg.session[:MAX_NAME],
+                                      self.now)
                 self.clients[conn] = client
                 self._log_event("client-connected", f"{client.name} (pid {client.pid} on {client.host})")
                 out.append(Send(conn, m.Welcome(f"client-{conn}", self.config.heartbeat_interval)))
@@ -137,6 +148,8 @@ class SchedulerState:
                 self.data.need(conn, msg.key, msg.from_owner, self._sender(out), msg.shared)
             case m.DataStored():
                 self.data.stored(conn, msg.key, msg.nbytes, self._sender(out), msg.segment, msg.sizes)
+            case m.Recovered():
+                self._on_recovered(worker, msg, out)
             case m.WorkerStatus():
                 self._on_worker_status(worker, msg.status, out)
             case m.Closing():
@@ -160,6 +173,8 @@ class SchedulerState:
                 self.data.upload(conn, msg.key, msg.frames, self._sender(out), msg.segment, msg.sizes, msg.share_domain)
             case m.ReleaseData():
                 self.data.release(conn, msg.keys, self._sender(out))
+            case m.Heartbeat():
+                client.beats = True
             case m.InfoRequest():
                 out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))
             case _:
@@ -177,6 +192,8 @@ class SchedulerState:
             return
         worker = WorkerRecord(conn, address, name, msg.nthreads, msg.host[:MAX_NAME], msg.pid, msg.memory_limit, self.now)
         self.workers[conn] = worker
+        for ref in msg.running[: 2 * msg.nthreads]:
+            self._adopt(worker, ref[:MAX_NAME])
         self._place(worker)
         self.data.worker_joined(conn, msg.data_address, msg.share_domain[:MAX_NAME])
         self.counters["workers_joined"] += 1
@@ -207,23 +224,107 @@ class SchedulerState:
         if task is None or task.worker != worker.conn or task.attempt != msg.attempt:
             self.stale_results += 1  # a late result of a lost or cancelled attempt
             return
+        self._finish(worker, task, msg.status, msg.duration, msg.frames, out)
+
+    def _finish(self, worker: WorkerRecord, task: TaskRecord, status: str, duration: float, frames: m.Frames,
+                out: list[Command]) -> None:
+        """``worker`` reports ``task``'s outcome: free the slot, tell the client."""
         self._release_slot(worker, task)
-        del self.tasks[task.task_id]
+        self._drop_task(task)
         worker.completed += 1
         if task.cancelled:
             return
         call = self._call_of(task)
         if call is not None:
-            call.mean_duration = msg.duration if call.mean_duration < 0 else 0.8 * call.mean_duration + 0.2 * msg.duration
-        if msg.status not in (m.OK, m.ERROR):
-            reason = f"worker {worker.name} reported invalid status {msg.status[:20]!r}"
-            out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.FAILED, worker.name, reason)))
+            call.mean_duration = duration if call.mean_duration < 0 else 0.8 * call.mean_duration + 0.2 * duration
+        self._report(task, worker.name, status, frames, out)
+
+    def _report(self, task: TaskRecord, worker_name: str, status: str, frames: m.Frames, out: list[Command]) -> None:
+        if status not in (m.OK, m.ERROR):
+            reason = f"worker {worker_name} reported invalid status {status[:20]!r}"
+            out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.FAILED, worker_name, reason)))
             self.counters["done:failed"] += 1
             return
-        self.counters[f"done:{msg.status}"] += 1
-        if msg.status == m.ERROR:
-            self._log_event("batch-error", f"a task of {task.func_name} raised on {worker.name}")
-        out.append(Send(task.call[0], m.BatchDone(task.batch_id, msg.status, worker.name, "", msg.frames)))
+        self.counters[f"done:{status}"] += 1
+        if status == m.ERROR:
+            self._log_event("batch-error", f"a task of {task.func_name} raised on {worker_name}")
+        out.append(Send(task.call[0], m.BatchDone(task.batch_id, status, worker_name, "", frames)))
+
+    def _drop_task(self, task: TaskRecord) -> None:
+        del self.tasks[task.task_id]
+        if task.ref:
+            self.by_ref.pop(task.ref, None)
+
+    # --------------------------------------------------------------- recovery
+    # After a restart (or a dropped link) workers still run, or have finished, batches of the
+    # earlier session, and clients resubmit those batches under the same refs.  Whichever
+    # comes first, the outcome is delivered once and the batch is not run again.
+    def _adopt(self, worker: WorkerRecord, ref: str) -> None:
+        """``worker`` still runs ``ref``: a waiting resubmission of it waits for that run."""
+        task = self._task_of_ref(ref)
+        if task is None or task.worker is not None:
+            worker.orphans[ref] = None  # claimed later by a resubmission, or by its Recovered
+            self.orphan_of[ref] = worker.conn
+            return
+        call = self._call_of(task)
+        assert call is not None
+        call.queue.remove(task.task_id)  # rare: only after a restart
+        self._start(task, call, worker)
+        task.adopted = True
+        if not call.ready:
+            self.ready_calls.pop(call.key, None)
+
+    def _on_recovered(self, worker: WorkerRecord, msg: m.Recovered, out: list[Command]) -> None:
+        ref = msg.ref
+        if ref in worker.orphans:  # its slot is free again
+            del worker.orphans[ref]
+            del self.orphan_of[ref]
+            self._place(worker)
+        task = self._task_of_ref(ref)
+        if task is None:
+            if msg.status in (m.OK, m.ERROR) and len(self.recovered) < 100_000:
+                self.recovered[ref] = (msg, self.now)  # its client may resubmit it yet
+            return
+        if task.adopted and task.worker == worker.conn:
+            self._finish(worker, task, msg.status, msg.duration, msg.frames, out)
+            return
+        if task.cancelled:
+            return
+        call = self._call_of(task)
+        assert call is not None
+        if task.worker is None:  # queued again: it need not run
+            call.queue.remove(task.task_id)
+            self._drop_task(task)
+        else:  # also running elsewhere: the first outcome wins, that run is cancelled
+            del call.running[task.task_id]
+            task.cancelled = True
+            out.append(Send(task.worker, m.Cancel(task.task_id, task.attempt)))
+        if call.ready:
+            self.ready_calls.setdefault(call.key, call)
+        elif not call.queue:
+            self.ready_calls.pop(call.key, None)
+        self._report(task, worker.name, msg.status, msg.frames, out)
+
+    def _claim(self, task: TaskRecord, call: CallRecord, out: list[Command]) -> bool:
+        """A resubmitted batch whose earlier run finished, or still runs, is not run again."""
+        done = self.recovered.pop(task.ref, None)
+        if done is not None:
+            del self.tasks[task.task_id]
+            self._report(task, "", done[0].status, done[0].frames, out)
+            return True
+        conn = self.orphan_of.pop(task.ref, None)
+        if conn is None:
+            return False
+        worker = self.workers[conn]
+        del worker.orphans[task.ref]
+        self.by_ref[task.ref] = task.task_id
+        self._start(task, call, worker)
+        task.adopted = True
+        return True
+
+    def _task_of_ref(self, ref: str) -> TaskRecord | None:
+        task_id = self.by_ref.get(ref) if ref else None
+        return None if task_id is None else self.tasks[task_id]
 
     def _release_slot(self, worker: WorkerRecord, task: TaskRecord) -> None:
         del worker.running[task.task_id]
@@ -250,6 +351,8 @@ class SchedulerState:
             self.free_workers.pop(conn, None)
             self.prefetch_workers.pop(conn, None)
             self.data.worker_left(conn, self._sender(out))
+            for ref in worker.orphans:
+                del self.orphan_of[ref]
             self._requeue_lost(worker, out)
         client = self.clients.pop(conn, None)
         if client is not None:
@@ -267,15 +370,16 @@ class SchedulerState:
             del worker.running[task_id]
             task.worker = None
             if task.cancelled:
-                del self.tasks[task_id]
+                self._drop_task(task)
                 continue
+            task.adopted = False
             if worker.status != m.RETIRING and task_id in started:  # a clean exit is no death
                 task.deaths += 1
             call = self._call_of(task)
             assert call is not None
             del call.running[task_id]
             if task.deaths >= self.config.max_deaths:
-                del self.tasks[task_id]
+                self._drop_task(task)
                 last = f"{worker.name}: {worker.last_words}" if worker.last_words else worker.name
                 reason = (
                     f"batch of {task.func_name} was running on {task.deaths} workers that died "
@@ -296,10 +400,16 @@ class SchedulerState:
         call = client.calls.get(msg.call_id)
         if call is None:
             call = client.calls[msg.call_id] = CallRecord((client.conn, msg.call_id), max(msg.max_running, 0))
-        task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name, msg.frames, self.now, msg.keys)
+        ref = f"{client.session}/{msg.batch_id}" if client.session else ""
+        task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name, msg.frames, self.now, msg.keys,
+                          ref=ref)
         self.counters["submitted"] += 1
         self._next_task_id += 1
         self.tasks[task.task_id] = task
+        if ref:
+            if (self.recovered or self.orphan_of) and self._claim(task, call, out):  # after a restart only
+                return
+            self.by_ref[ref] = task.task_id
         call.queue.append(task.task_id)
         if call.ready:
             self.ready_calls.setdefault(call.key, call)
@@ -325,14 +435,15 @@ class SchedulerState:
             return
         self.ready_calls.pop(call.key, None)
         for task_id in call.queue:
-            del self.tasks[task_id]
+            self._drop_task(self.tasks[task_id])
         call.queue.clear()
         # running batches keep their slot until the worker reports back: the CPU is still busy
         for task_id in call.running:
             task = self.tasks[task_id]
             task.cancelled = True
             assert task.worker is not None  # running
-            out.append(Send(task.worker, m.Cancel(task.task_id, task.attempt)))
+            if not task.adopted:  # an adopted one runs under an id its worker never heard of
+                out.append(Send(task.worker, m.Cancel(task.task_id, task.attempt)))
 
     def _call_of(self, task: TaskRecord) -> CallRecord | None:
         client = self.clients.get(task.call[0])
@@ -353,16 +464,19 @@ class SchedulerState:
                 return
             call = ready.pop(key)
             task = self.tasks[call.queue.popleft()]
-            conn = self._pick_worker(task, workers)
-            worker = workers.pop(conn)
-            task.attempt += 1
-            task.worker = conn
-            worker.running[task.task_id] = None
-            call.running[task.task_id] = None
-            out.append(Send(conn, m.Execute(task.task_id, task.attempt, task.func_name, task.frames, task.keys)))
-            self._place(worker)  # back of its line, or into the other one
+            worker = workers.pop(self._pick_worker(task, workers))
+            self._start(task, call, worker)
+            out.append(Send(worker.conn, m.Execute(task.task_id, task.attempt, task.func_name, task.frames, task.keys,
+                                                   task.ref)))
             if call.ready:
                 ready[key] = call
+
+    def _start(self, task: TaskRecord, call: CallRecord, worker: WorkerRecord) -> None:
+        task.attempt += 1
+        task.worker = worker.conn
+        worker.running[task.task_id] = None
+        call.running[task.task_id] = None
+        self._place(worker)  # back of its line, or into the other one
 
     def _pick_worker(self, task: TaskRecord, workers: dict[ConnId, WorkerRecord]) -> ConnId:
         """One of ``workers``, preferring one that already holds the task's data."""
@@ -376,12 +490,55 @@ class SchedulerState:
     def _on_tick(self, now: float, out: list[Command]) -> None:
         self.now = now
         deadline = now - self.config.heartbeat_timeout
-        for worker in [w for w in self.workers.values() if w.last_seen < deadline]:
+        silent = [w.conn for w in self.workers.values() if w.last_seen < deadline]
+        silent += [c.conn for c in self.clients.values() if c.beats and c.last_seen < deadline]
+        for conn in silent:  # frozen, or cut off without a FIN
             reason = f"no heartbeat for {self.config.heartbeat_timeout:.0f} s"
-            out.append(Close(worker.conn, reason))
-            self._on_disconnect(worker.conn, out, reason)
-        if not self.workers and self.tasks:
-            self._fail_starved(now, out)
+            out.append(Close(conn, reason))
+            self._on_disconnect(conn, out, reason)
+        if self.config.heartbeats and now >= self.next_heartbeat:  # so that peers notice a frozen scheduler
+            self.next_heartbeat = now + self.config.heartbeat_interval
+            beat = m.Heartbeat()
+            out.extend(Send(conn, beat) for conn in (*self.workers, *self.clients))
+        if self.recovered:
+            expired = now - self.config.recovery_window
+            for ref in [r for r, (_, at) in self.recovered.items() if at < expired]:
+                del self.recovered[ref]
+        if self.tasks:
+            if not self.workers:
+                self._fail_starved(now, out)
+            self._fail_if_all_paused(now, out)
+
+    def _fail_if_all_paused(self, now: float, out: list[Command]) -> None:
+        """Fail the queued batches once every worker has been paused by its memory limit for
+        ``paused_timeout``: nothing else would ever run them."""
+        workers = self.workers.values()
+        if not any(w.status == m.PAUSED for w in workers) or any(w.status == m.RUNNING for w in workers):
+            self.all_paused_since = None
+            return
+        if self.all_paused_since is None:
+            self.all_paused_since = now
+        limit = self.config.paused_timeout
+        if now - self.all_paused_since < limit:
+            return
+        held = "; ".join(
+            f"{w.name}: {w.memory / 2**20:.0f} MiB of its {w.memory_limit / 2**20:.0f} MiB limit, "
+            f"{info['data_keys']} scattered objects ({info['data_bytes'] / 2**20:.0f} MiB)"
+            for w in workers if w.status == m.PAUSED for info in (self.data.info(w.conn),)
+        )
+        reason = (f"every worker has been paused by its memory limit (--memory-limit) for {limit:.0f} s, "
+                  f"so no worker can run this batch ({held}); scatter less data, free some, or raise the limit")
+        self._log_event("batches-failed", reason)
+        for client in self.clients.values():
+            for call in client.calls.values():
+                for task_id in call.queue:
+                    task = self.tasks[task_id]
+                    self._drop_task(task)
+                    out.append(Send(client.conn, m.BatchDone(task.batch_id, m.FAILED, "", reason)))
+                    self.counters["done:failed"] += 1
+                call.queue.clear()
+                self.ready_calls.pop(call.key, None)
+        self.all_paused_since = now
 
     def _fail_starved(self, now: float, out: list[Command]) -> None:
         """Fail batches that have waited ``no_worker_timeout`` while no worker was connected."""
@@ -394,7 +551,8 @@ class SchedulerState:
                 starved = [t for t in call.queue if self.tasks[t].queued_at <= now - limit]
                 for task_id in starved:
                     call.queue.remove(task_id)
-                    task = self.tasks.pop(task_id)
+                    task = self.tasks[task_id]
+                    self._drop_task(task)
                     out.append(Send(client.conn, m.BatchDone(task.batch_id, m.NO_WORKERS, "", reason)))
                     self.counters["done:no-workers"] += 1
                 if not call.ready:
@@ -436,9 +594,14 @@ class SchedulerState:
         for worker in self.workers.values():
             assert (worker.conn in self.free_workers) == worker.has_room, worker
             assert (worker.conn in self.prefetch_workers) == worker.can_prefetch, worker
-            assert len(worker.running) <= 2 * worker.nthreads, worker
+            assert len(worker.running) + len(worker.orphans) <= 2 * worker.nthreads, worker
             for task_id in worker.running:
                 assert self.tasks[task_id].worker == worker.conn
+            for ref in worker.orphans:
+                assert self.orphan_of[ref] == worker.conn
+        assert len(self.orphan_of) == sum(len(w.orphans) for w in self.workers.values())
+        for ref, task_id in self.by_ref.items():
+            assert self.tasks[task_id].ref == ref
         for conn in self.free_workers:
             assert conn in self.workers
         for client in self.clients.values():
@@ -452,4 +615,5 @@ class SchedulerState:
         for task in self.tasks.values():
             if task.worker is not None:
                 assert task.task_id in self.workers[task.worker].running
+            assert not task.adopted or task.worker is not None
         self.data.validate()

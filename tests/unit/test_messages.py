@@ -200,7 +200,7 @@ def test_bool_is_not_a_float():
 
 def test_bytes_where_str_is_refused():
     with pytest.raises(MalformedMessage, match="func_name"):
-        m.decode(body("execute", 1, 1, b"func", []))
+        m.decode(body("execute", 1, 1, b"func", [], ""))
     with pytest.raises(MalformedMessage, match="reason"):
         m.decode(body("closing", b"reason"))
 
