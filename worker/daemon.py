@@ -58,8 +58,10 @@ from .events import (
     MapSegment,
     MemorySampled,
     PeersFetched,
+    Reconnect,
     RequestData,
     Restart,
+    SchedulerHeard,
     SegmentMapped,
     SegmentUnmappable,
     SendMessage,
@@ -75,6 +77,7 @@ from .events import (
     TaskWithdrawn,
     Ticked,
     UnlinkSegment,
+    Welcomed,
     WithdrawTask,
 )
 from .executor import BatchThreads
@@ -218,6 +221,8 @@ class WorkerDaemon:
                     welcomed.set_result(message)
                 case m.Closing(reason=reason):
                     conn.close(reason)
+                case m.Heartbeat():
+                    self._feed(SchedulerHeard(loop.time()))
                 case _:
                     self._on_message(conn, message)
 
@@ -230,7 +235,8 @@ class WorkerDaemon:
         sockname = conn.transport.get_extra_info("sockname") if conn.transport else None
         data_address = await self.data.start(sockname[0] if sockname else "127.0.0.1", self.data_port)
         conn.send(m.RegisterWorker(
-            self.name, self.nthreads, os.getpid(), socket.gethostname(), self.memory_limit, data_address, share_domain()
+            self.name, self.nthreads, os.getpid(), socket.gethostname(), self.memory_limit, data_address, share_domain(),
+            self.state.orphan_refs,
         ))
         self._conn = conn
         first: list[asyncio.Future[Any]] = [welcomed, closed]
@@ -243,6 +249,7 @@ class WorkerDaemon:
             log.warning("registration with %s failed: %s", self.address, reason)
             return
         interval = welcomed.result().heartbeat_interval
+        self._feed(Welcomed(loop.time()))  # what ended while no scheduler was there goes out now
         log.info("worker %s joined the scheduler at %s with %d threads", self.name, self.address, self.nthreads)
         stopper = loop.create_task(stop.wait())
         ends: list[asyncio.Future[Any]] = [closed, stopper]
@@ -304,6 +311,10 @@ class WorkerDaemon:
                     self._send(m.Closing(reason))
                     if self._conn is not None:
                         self._conn.close(reason)
+                case Reconnect(reason=reason):
+                    log.warning("%s; reconnecting", reason)
+                    if self._conn is not None:
+                        self._conn.abort(reason)
                 case Restart(reason=reason, clean=clean):
                     self._restart(reason, clean=clean)
                 case MapSegment(key=key, name=name, sizes=sizes):

@@ -59,6 +59,20 @@ class SessionStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class Welcomed:
+    """The scheduler accepted our registration."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerHeard:
+    """A heartbeat from the scheduler: it is not frozen."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class SessionEnded:
     """The connection to the scheduler closed."""
 
@@ -155,8 +169,9 @@ class StoreFailed:
 
 Event = (
     ExecuteReceived | CancelReceived | TaskCompleted | TaskWithdrawn | RetireRequested | SessionStarted | SessionEnded
-    | DrainRequested | Ticked | MemorySampled | DataArrived | DataUnavailable | DataDeleted | StoreDataReceived
-    | DataSourcesReceived | SegmentMapped | SegmentUnmappable | SharedCopyMade | PeersFetched | FramesStored | StoreFailed
+    | Welcomed | SchedulerHeard | DrainRequested | Ticked | MemorySampled | DataArrived | DataUnavailable | DataDeleted
+    | StoreDataReceived | DataSourcesReceived | SegmentMapped | SegmentUnmappable | SharedCopyMade | PeersFetched
+    | FramesStored | StoreFailed
 )
 
 # ---------------------------------------------------------------- commands
@@ -207,6 +222,13 @@ class Log:
 @dataclass(frozen=True, slots=True)
 class Leave:
     """Say goodbye to the scheduler and close the connection."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Close the connection (the scheduler is silent): the daemon then connects again."""
 
     reason: str
 
@@ -267,6 +289,7 @@ class ForgetData:
 
 
 Command = (
-    StartTask | WithdrawTask | SendMessage | RequestData | FailTask | Log | Leave | Restart | MapSegment | ShareCopy
+    StartTask | WithdrawTask | SendMessage | RequestData | FailTask | Log | Leave | Reconnect | Restart | MapSegment
+    | ShareCopy
     | FetchFromPeers | StoreFrames | UnlinkSegment | ForgetData
 )

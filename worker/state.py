@@ -44,9 +44,11 @@ from .events import (
     MapSegment,
     MemorySampled,
     PeersFetched,
+    Reconnect,
     RequestData,
     Restart,
     RetireRequested,
+    SchedulerHeard,
     SegmentMapped,
     SegmentUnmappable,
     SendMessage,
@@ -62,6 +64,7 @@ from .events import (
     TaskWithdrawn,
     Ticked,
     UnlinkSegment,
+    Welcomed,
     WithdrawTask,
 )
 
@@ -78,6 +81,7 @@ class WorkerConfig:
     memory_limit: int = 0  # 0: none
     drain_timeout: float = 30.0
     can_share: bool = False  # shared memory works here (``share_domain()`` is not empty)
+    scheduler_timeout: float = 30.0  # a scheduler silent this long is taken for frozen or cut off
 
 
 def _mib(n: float) -> str:
@@ -90,7 +94,13 @@ class WorkerState:
     waiting: deque[m.Execute] = field(default_factory=deque)  # Execute messages whose data is not all here
     running: dict[TaskKey, str] = field(default_factory=dict)  # -> func_name: in the threads (queued or running)
     cancelled: set[TaskKey] = field(default_factory=set)  # running, result unwanted
-    orphans: set[TaskKey] = field(default_factory=set)  # cancelled, from an earlier session: reported to nobody
+    orphans: set[TaskKey] = field(default_factory=set)  # running since an earlier session
+    # the batches' names across sessions (Execute.ref): an orphan with one is still wanted, and
+    # its outcome goes to the next scheduler as Recovered, as does one that ends while disconnected
+    refs: dict[TaskKey, str] = field(default_factory=dict)
+    held: dict[str, m.Recovered] = field(default_factory=dict)  # outcomes waiting for a scheduler
+    registered: bool = False  # welcomed in this session
+    last_heard: float = 0.0  # the scheduler's last heartbeat
     cancelled_at: dict[TaskKey, float] = field(default_factory=dict)  # cancelled and within their grace period
     data: dict[str, int] = field(default_factory=dict)  # key -> nbytes held here
     requested: set[str] = field(default_factory=set)  # keys asked for, not yet arrived
@@ -122,8 +132,14 @@ class WorkerState:
             case SessionStarted():
                 self._session_started(out)
             case SessionEnded():
-                self.connected = False
+                self.connected = self.registered = False
                 self._retire(out)
+            case Welcomed(now=now):
+                self.registered, self.last_heard = True, now
+                out.extend(SendMessage(recovered) for recovered in self.held.values())
+                self.held.clear()
+            case SchedulerHeard(now=now):
+                self.last_heard = now
             case DrainRequested():
                 self._drain(out)
             case Ticked(now=now):
@@ -144,6 +160,8 @@ class WorkerState:
 
     # ------------------------------------------------------------ batches
     def _received(self, msg: m.Execute, out: list[Command]) -> None:
+        if msg.ref:
+            self.refs[(msg.task_id, msg.attempt)] = msg.ref
         missing = [key for key in msg.keys if key not in self.data]
         if not missing:
             self.running[(msg.task_id, msg.attempt)] = msg.func_name
@@ -166,6 +184,7 @@ class WorkerState:
         del self.running[key]
         self.cancelled_at.pop(key, None)
         self.orphans.discard(key)
+        self.refs.pop(key, None)
         if key in self.cancelled:
             self.cancelled.discard(key)
             return False
@@ -175,12 +194,19 @@ class WorkerState:
         key = (event.task_id, event.attempt)
         if key not in self.running:
             return
-        orphan = key in self.orphans
+        orphan, ref = key in self.orphans, self.refs.get(key, "")
         self.completed += 1
-        if self._finish(key):
+        if not self._finish(key):
+            if not orphan:  # an orphan's session is gone: the scheduler now does not know it
+                out.append(SendMessage(m.TaskDone(event.task_id, event.attempt, m.CANCELLED, event.duration)))
+        elif ref and (orphan or not self.registered):  # named by its ref for whichever scheduler comes
+            recovered = m.Recovered(ref, event.status, event.duration, event.frames)
+            if self.registered:
+                out.append(SendMessage(recovered))
+            else:
+                self.held[ref] = recovered
+        else:
             out.append(SendMessage(m.TaskDone(event.task_id, event.attempt, event.status, event.duration, event.frames)))
-        elif not orphan:  # an orphan's session is gone: the scheduler now does not know it
-            out.append(SendMessage(m.TaskDone(event.task_id, event.attempt, m.CANCELLED, event.duration)))
 
     def _withdrawn(self, key: TaskKey, out: list[Command]) -> None:
         if key in self.running and not self._finish(key):
@@ -208,7 +234,7 @@ class WorkerState:
     # ----------------------------------------------------- sessions, time
     def _session_started(self, out: list[Command]) -> None:
         self.session += 1
-        self.connected = True
+        self.connected, self.registered = True, False
         self.retiring = self.left = self.drain_announced = False
         self.drain_since = None
         self.waiting.clear()
@@ -216,11 +242,18 @@ class WorkerState:
         if self.data:  # the new session's scheduler knows none of it
             out.append(ForgetData(tuple(self.data)))
             self.data.clear()
-        # still running from the last session: their threads stay busy, their grace starts again
+        # still running from the last session: their threads stay busy; one with a ref is still
+        # wanted (the registration names it), the others' grace starts again
         for key in self.running:
-            self.cancelled.add(key)
             self.orphans.add(key)
-            self.cancelled_at[key] = self.now
+            if key in self.cancelled or key not in self.refs:
+                self.cancelled.add(key)
+                self.cancelled_at[key] = self.now
+
+    @property
+    def orphan_refs(self) -> list[str]:
+        """The refs of the batches still running from before, for the registration."""
+        return [self.refs[key] for key in self.orphans if key not in self.cancelled]
 
     def _drain(self, out: list[Command]) -> None:
         if self.drain_since is not None or self.restarting or not self.connected:
@@ -236,6 +269,10 @@ class WorkerState:
     def _ticked(self, now: float, out: list[Command]) -> None:
         self.now = now
         if not self.connected:
+            return
+        if self.registered and now - self.last_heard > self.config.scheduler_timeout:
+            self.registered = False  # one Reconnect: SessionEnded follows
+            out.append(Reconnect(f"no heartbeat from the scheduler for {self.config.scheduler_timeout:.0f} s"))
             return
         for key, since in list(self.cancelled_at.items()):
             if now - since >= self.config.cancel_grace:
@@ -355,7 +392,8 @@ class WorkerState:
         return not self.running and not self.waiting
 
     def validate(self) -> None:
-        assert self.orphans <= self.cancelled <= set(self.running)
+        assert self.orphans <= set(self.running) and self.cancelled <= set(self.running)
+        assert set(self.refs) <= set(self.running) | {(w.task_id, w.attempt) for w in self.waiting}
         assert set(self.cancelled_at) <= self.cancelled
         assert not (self.retiring and self.waiting)
         assert not (self.requested & set(self.data))

@@ -23,8 +23,10 @@ from jobsched.worker.events import (
     MapSegment,
     MemorySampled,
     PeersFetched,
+    Reconnect,
     RequestData,
     Restart,
+    SchedulerHeard,
     SegmentMapped,
     SegmentUnmappable,
     SendMessage,
@@ -40,6 +42,7 @@ from jobsched.worker.events import (
     TaskWithdrawn,
     Ticked,
     UnlinkSegment,
+    Welcomed,
     WithdrawTask,
 )
 from jobsched.worker.state import WorkerConfig, WorkerState
@@ -277,3 +280,66 @@ def test_data_that_cannot_be_loaded_fails_the_batches_needing_it():
         FailTask(1, 1, "cannot load it here: ValueError('bad')")
     ]
     assert sim(DataUnavailable("X", "gone")) == []
+
+
+# ------------------------------------------------- recovery across sessions (refs)
+
+
+def execute_ref(sim: Sim, task_id: int) -> list:
+    return sim(ExecuteReceived(m.Execute(task_id, 1, f"f{task_id}", (b"b",), [], f"s/{task_id}")))
+
+
+def recovered(task_id: int) -> m.Recovered:
+    return m.Recovered(f"s/{task_id}", m.OK, 0.5, (b"r",))
+
+
+def test_an_orphan_with_a_ref_is_still_wanted_and_reported_by_its_ref():
+    sim = Sim()
+    sim(Welcomed(0.0))
+    assert execute_ref(sim, 1) == [start(1)]
+    sim(SessionEnded())  # the scheduler died; the batch runs on
+    assert sim(SessionStarted()) == []
+    assert sim.state.orphan_refs == ["s/1"]  # named in the next registration
+    assert sim(Welcomed(1.0)) == []
+    assert sim.complete(1) == [SendMessage(recovered(1))]
+    assert sim.state.orphans == set() and sim.state.refs == {}
+
+
+def test_an_outcome_while_no_scheduler_is_there_is_held_until_the_next_welcome():
+    sim = Sim()
+    sim(Welcomed(0.0))
+    execute_ref(sim, 1)
+    execute_ref(sim, 2)
+    sim(SessionEnded())
+    sim(TaskWithdrawn(2, 1))  # never started: the new scheduler's client resubmits it
+    assert sim.complete(1) == []  # nobody to tell yet
+    assert sim(SessionStarted()) == []
+    assert sim.state.orphan_refs == []  # it is no longer running: its outcome is held
+    assert sim.complete(1) == []  # reported once only
+    assert sim(Welcomed(2.0)) == [SendMessage(recovered(1))]
+    assert sim(Welcomed(3.0)) == []
+
+
+def test_a_cancelled_batch_stays_cancelled_across_a_reconnection():
+    sim = Sim()
+    sim(Welcomed(0.0))
+    execute_ref(sim, 1)
+    assert sim(CancelReceived(1, 1)) == [WithdrawTask(1, 1)]
+    sim(SessionEnded())
+    sim(SessionStarted())
+    assert sim.state.orphan_refs == []
+    sim(Welcomed(1.0))
+    assert sim.complete(1) == []
+
+
+def test_a_silent_scheduler_is_left_after_the_scheduler_timeout():
+    sim = Sim(scheduler_timeout=30.0)
+    sim(Welcomed(0.0))
+    sim(SchedulerHeard(10.0))
+    assert sim(Ticked(40.0)) == []
+    [reconnect] = sim(Ticked(40.5))
+    assert reconnect == Reconnect("no heartbeat from the scheduler for 30 s")
+    assert sim(Ticked(41.0)) == []  # once
+    sim(SessionEnded())
+    sim(SessionStarted())
+    assert sim(Ticked(100.0)) == []  # not registered yet: nothing to time
