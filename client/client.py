@@ -288,7 +288,8 @@ class Client:
                     self._handle(ConnectionLost(reason, time.monotonic()))
 
         conn.set_handlers(on_message, on_close)
-        conn.send(m.RegisterClient(self.name, os.getpid(), socket.gethostname(), self.session))
+        resumed = bool(self._state.pending)  # the scheduler then waits a moment for the workers holding them
+        conn.send(m.RegisterClient(self.name, os.getpid(), socket.gethostname(), self.session, resumed))
         try:
             welcome = await asyncio.wait_for(welcomed, self.timeout)
         except BaseException:

@@ -173,6 +173,7 @@ class RegisterClient(Message):
     # chosen by the client once and kept across reconnections: with a batch id it names a
     # batch whatever the scheduler's incarnation (see Execute.ref)
     session: str = ""
+    resumed: bool = False  # it comes back with batches submitted to an earlier connection
 
 
 @message("register-worker")

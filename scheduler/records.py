@@ -83,6 +83,7 @@ class CallRecord:
     queue: deque[int] = field(default_factory=deque)  # task ids waiting
     running: dict[int, None] = field(default_factory=dict)  # task_id -> None, an ordered set
     mean_duration: float = -1.0  # moving average of its batches' run time; -1: none finished yet
+    held: bool = False  # resubmitted just after a restart: waits for the workers that may still hold it
 
     @property
     def short(self) -> bool:
@@ -90,7 +91,7 @@ class CallRecord:
 
     @property
     def ready(self) -> bool:
-        return bool(self.queue) and (self.max_running == 0 or len(self.running) < self.max_running)
+        return bool(self.queue) and not self.held and (self.max_running == 0 or len(self.running) < self.max_running)
 
 
 @dataclass(slots=True)
@@ -131,4 +132,5 @@ class ClientRecord:
     session: str = ""  # chosen by the client, kept across its reconnections
     last_seen: float = 0.0
     beats: bool = False  # it sends heartbeats, so its silence means it is gone
+    resumed: bool = False  # came back with batches from an earlier connection
     calls: dict[int, CallRecord] = field(default_factory=dict)  # call_id -> CallRecord

@@ -59,6 +59,9 @@ class SchedulerConfig:
     recovery_window: float = 300.0  # how long an outcome of an unclaimed batch from before is kept
     first_task_id: int = 1  # the server starts each incarnation elsewhere, so ids never repeat on a worker
     heartbeats: bool = True  # send every peer a heartbeat each interval, so that it notices a frozen scheduler
+    # how long after this scheduler's first tick the batches a client resubmits wait for workers
+    # to come back: one may still run or hold it (workers retry up to every 5 s)
+    recovery_grace: float = 6.0
     # Send a worker whose slots are all busy one more batch per slot, when the call's batches are
     # short: it starts the next at once instead of waiting a round trip.  Long batches never
     # wait behind another one, so the load stays balanced at the end of a call.
@@ -86,6 +89,8 @@ class SchedulerState:
         self.recovered: dict[str, tuple[m.Recovered, float]] = {}  # unclaimed outcomes, with their arrival
         self.all_paused_since: float | None = None
         self.next_heartbeat = 0.0
+        self.started_at: float | None = None  # the first tick
+        self.held_calls: list[CallRecord] = []  # resubmitted during the recovery grace
         self.stale_results = 0
         self.counters: Counter[str] = Counter()  # submitted, done:<status>, requeued, worker_deaths, ...
         self.events: deque[LogEvent] = deque(maxlen=100)  # recent joins, deaths and failures, for people
@@ -129,7 +134,7 @@ class SchedulerState:
                 self._register_worker(conn, msg, out)
             case m.RegisterClient():
                 client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME], msg.session[:MAX_NAME],
-                                      self.now)
+                                      self.now, resumed=msg.resumed)
                 self.clients[conn] = client
                 self._log_event("client-connected", f"{client.name} (pid {client.pid} on {client.host})")
                 out.append(Send(conn, m.Welcome(f"client-{conn}", self.config.heartbeat_interval)))
@@ -198,7 +203,8 @@ class SchedulerState:
         self.data.worker_joined(conn, msg.data_address, msg.share_domain[:MAX_NAME])
         self.counters["workers_joined"] += 1
         threads = f"{msg.nthreads} thread{'s' if msg.nthreads != 1 else ''}"
-        self._log_event("worker-joined", f"{name} ({threads}, {worker.host} pid {msg.pid})")
+        earlier = f"; {len(msg.running)} batches from before" if msg.running else ""
+        self._log_event("worker-joined", f"{name} ({threads}, {worker.host} pid {msg.pid}{earlier})")
         out.append(Send(conn, m.Welcome(name, self.config.heartbeat_interval)))
 
     def _on_worker_status(self, worker: WorkerRecord, status: str, out: list[Command]) -> None:
@@ -322,6 +328,17 @@ class SchedulerState:
         task.adopted = True
         return True
 
+    def _in_recovery_grace(self) -> bool:
+        return self.started_at is None or self.now - self.started_at < self.config.recovery_grace
+
+    def _release_held_calls(self) -> None:
+        for call in self.held_calls:
+            call.held = False
+            client = self.clients.get(call.key[0])
+            if client is not None and client.calls.get(call.key[1]) is call and call.ready:  # not cancelled since
+                self.ready_calls.setdefault(call.key, call)
+        self.held_calls.clear()
+
     def _task_of_ref(self, ref: str) -> TaskRecord | None:
         task_id = self.by_ref.get(ref) if ref else None
         return None if task_id is None else self.tasks[task_id]
@@ -400,6 +417,9 @@ class SchedulerState:
         call = client.calls.get(msg.call_id)
         if call is None:
             call = client.calls[msg.call_id] = CallRecord((client.conn, msg.call_id), max(msg.max_running, 0))
+            if client.resumed and self._in_recovery_grace():
+                call.held = True
+                self.held_calls.append(call)
         ref = f"{client.session}/{msg.batch_id}" if client.session else ""
         task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name, msg.frames, self.now, msg.keys,
                           ref=ref)
@@ -489,6 +509,10 @@ class SchedulerState:
     # ----------------------------------------------------------------- time
     def _on_tick(self, now: float, out: list[Command]) -> None:
         self.now = now
+        if self.started_at is None:
+            self.started_at = now
+        if self.held_calls and not self._in_recovery_grace():
+            self._release_held_calls()
         deadline = now - self.config.heartbeat_timeout
         silent = [w.conn for w in self.workers.values() if w.last_seen < deadline]
         silent += [c.conn for c in self.clients.values() if c.beats and c.last_seen < deadline]

@@ -627,3 +627,11 @@ class SchedulerSim:
 
     def leave(self, conn: int, reason: str = "gone") -> list:
         return self(PeerDisconnected(conn, reason))
+
+
+def process_status(proc: psutil.Process) -> str | None:
+    """The status of a process, None once it is gone."""
+    try:
+        return proc.status()
+    except psutil.Error:
+        return None

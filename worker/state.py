@@ -252,8 +252,10 @@ class WorkerState:
 
     @property
     def orphan_refs(self) -> list[str]:
-        """The refs of the batches still running from before, for the registration."""
-        return [self.refs[key] for key in self.orphans if key not in self.cancelled]
+        """For the registration: the refs of the batches still running from before, and of those
+        whose outcome is held.  The scheduler then runs none of them again, even when their
+        resubmission arrives before the Recovered that follows the Welcome."""
+        return [*(self.refs[key] for key in self.orphans if key not in self.cancelled), *self.held]
 
     def _drain(self, out: list[Command]) -> None:
         if self.drain_since is not None or self.restarting or not self.connected:

@@ -50,6 +50,7 @@ from support import (
     assert_same_search,
     by_name,
     daemon_env,
+    process_status,
     run_in_thread,
     start_cluster,
     wait_for_workers,
@@ -72,52 +73,6 @@ def fault_cluster(pool: DaemonPool, n_workers: int = 2, scheduler_args: tuple[st
     with the generous timeouts of a loaded machine."""
     return start_cluster(pool, n_workers, (*DASHBOARD, *scheduler_args), worker_args=worker_args,
                          client_timeout=20, join_timeout=60)
-
-
-def _process_groups_alive(groups: set[int]) -> list[psutil.Process]:
-    alive = []
-    for proc in psutil.process_iter(["pid", "status"]):
-        try:
-            if os.getpgid(proc.pid) in groups and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except (ProcessLookupError, psutil.Error, OSError):
-            continue
-    return alive
-
-
-@pytest.fixture
-def pool(daemons: DaemonPool):
-    """conftest's daemon pool, plus a check at teardown that nothing it started survives:
-    no process in any daemon's process group (a daemon is its group's leader), and no
-    child of this test process beyond those it had before."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield daemons
-    for daemon in daemons.daemons:
-        daemon.signal(signal.SIGCONT)  # a stopped process would not act on SIGTERM
-    daemons.close()  # SIGTERM each group, SIGKILL it after 5 s (idempotent: conftest calls it again)
-    groups = {d.pid for d in daemons.daemons}
-
-    def leftovers() -> list:
-        children = [p for p in me.children(recursive=True) if p.pid not in before]
-        children = [p for p in children if _status(p) not in (psutil.STATUS_ZOMBIE, None)]
-        return [*_process_groups_alive(groups), *children]
-
-    try:
-        wait_until(lambda: not leftovers(), 15, lambda: f"processes left behind: {leftovers()}")
-    finally:
-        for proc in leftovers():  # never leave them running, even when failing
-            try:
-                os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def _status(proc: psutil.Process):
-    try:
-        return proc.status()
-    except psutil.Error:
-        return None
 
 
 # -------------------------------------------------- 1. kill -9 in a grid search
@@ -417,7 +372,7 @@ def test_5_task_past_memory_limit_restarts_its_process_with_a_clear_error(pool, 
     assert "exceeded its memory limit" in message and "while running hold_memory" in message, message
     held_by = fault_tasks.mark_pids(plateau)
     assert len(held_by) == 2 and set(held_by) <= set(after.values()), (held_by, after)
-    gone = wait_until(lambda: not any(psutil.pid_exists(p) and _status(psutil.Process(p)) != psutil.STATUS_ZOMBIE
+    gone = wait_until(lambda: not any(psutil.pid_exists(p) and process_status(psutil.Process(p)) != psutil.STATUS_ZOMBIE
                                       for p in held_by) and time.monotonic(), 30,
                       lambda: f"processes over their memory limit still run: {held_by}")
     wait_until(lambda: (lambda now: len(now) == 2 and not set(now) & set(held_by))(

@@ -16,9 +16,9 @@ def ref(batch_id: int) -> str:
     return f"{SESSION}/{batch_id}"
 
 
-def client(sim: Sim, conn: int = 1) -> None:
+def client(sim: Sim, conn: int = 1, resumed: bool = False) -> None:
     sim(PeerConnected(conn, "tcp://10.0.0.1:40000"))
-    assert sim.msg(conn, m.RegisterClient("laptop", 1001, "laptop.lab", SESSION)) == [
+    assert sim.msg(conn, m.RegisterClient("laptop", 1001, "laptop.lab", SESSION, resumed)) == [
         Send(conn, m.Welcome(f"client-{conn}", HB))
     ]
 
@@ -219,3 +219,34 @@ def test_message_received_for_an_unknown_ref_is_harmless():
     worker(sim, 2, "w")
     assert sim(MessageReceived(2, m.Recovered("", m.CANCELLED, 0.0, ()))) == []
     assert sim.state.recovered == {}
+
+
+def test_a_resuming_client_s_batches_wait_the_recovery_grace_for_workers_that_hold_them():
+    sim = Sim(recovery_grace=6.0, heartbeat_timeout=100.0)
+    sim(Ticked(100.0))  # the scheduler's first tick: the grace runs from here
+    client(sim, resumed=True)
+    worker(sim, 3, "v")
+    assert sim.submit(1, 5) == []  # held: w may come back with it
+    assert sim.submit(1, 6) == []
+    assert worker(sim, 2, "w", running=(ref(5),)) == []  # adopted out of the held queue
+    assert sim(Ticked(105.0)) == []
+    assert sim(Ticked(106.0)) == [execute(3, 2, 6)]  # the grace is over: the rest runs
+    assert sim.msg(2, recovered(5)) == [delivered(5, "w")]
+
+
+def test_a_new_client_s_batches_do_not_wait_the_recovery_grace():
+    sim = Sim(recovery_grace=6.0)
+    sim(Ticked(100.0))
+    client(sim)
+    worker(sim, 2, "w")
+    assert sim.submit(1, 5) == [execute(2, 1, 5)]
+
+
+def test_a_held_call_cancelled_during_the_grace_stays_cancelled():
+    sim = Sim(recovery_grace=6.0, heartbeat_timeout=100.0)
+    sim(Ticked(100.0))
+    client(sim, resumed=True)
+    worker(sim, 2, "w")
+    sim.submit(1, 5)
+    assert sim.msg(1, m.CancelCall(1)) == []
+    assert sim(Ticked(107.0)) == [] and sim.state.tasks == {}

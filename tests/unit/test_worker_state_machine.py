@@ -314,7 +314,7 @@ def test_an_outcome_while_no_scheduler_is_there_is_held_until_the_next_welcome()
     sim(TaskWithdrawn(2, 1))  # never started: the new scheduler's client resubmits it
     assert sim.complete(1) == []  # nobody to tell yet
     assert sim(SessionStarted()) == []
-    assert sim.state.orphan_refs == []  # it is no longer running: its outcome is held
+    assert sim.state.orphan_refs == ["s/1"]  # no longer running, but its outcome is held: named too
     assert sim.complete(1) == []  # reported once only
     assert sim(Welcomed(2.0)) == [SendMessage(recovered(1))]
     assert sim(Welcomed(3.0)) == []
