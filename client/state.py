@@ -207,8 +207,10 @@ class ClientState:
         self.last_heard, self.next_heartbeat = now, now + interval
         self.lost_since, self.lost_reason, self.gave_up = None, "", ""
         self.retry_delay = FIRST_RETRY
-        # a restarted scheduler knows none of it: the data first, so the batches find it
-        out: list[Command] = [Send(m.DataRegister(d.key, d.nbytes, d.broadcast)) for d in self.data.values()]
+        # a beat at once: from now on the scheduler takes our silence for our end.  Then what a
+        # restarted scheduler does not know: the data first, so the batches find it
+        out: list[Command] = [Send(m.Heartbeat())]
+        out.extend(Send(m.DataRegister(d.key, d.nbytes, d.broadcast)) for d in self.data.values())
         out.extend(Send(batch.submission()) for batch in self.pending.values())
         return out
 

@@ -102,6 +102,7 @@ def test_reconnecting_registers_the_data_then_resubmits_in_order():
     sim(ConnectionLost("eof", 2.0))
     assert sim(DataReleased(("y-2",))) == []  # released while away: not re-registered
     assert sim(Connected(3.0, HB)) == [
+        Send(m.Heartbeat()),  # the scheduler now knows we beat
         Send(m.DataRegister("X-1", 100, True)),
         Send(batch(1).submission()),
         Send(batch(3).submission()),
