@@ -290,6 +290,7 @@ class Recovered(Message):
 class Cancel(Message):
     task_id: int = 0
     attempt: int = 0
+    ref: str = ""  # instead of the ids: a batch from an earlier session that no client claimed
 
 
 @message("task-done")

@@ -111,7 +111,7 @@ class WorkerRecord:
     last_words: str = ""  # the reason it gave before closing, if any
     # refs of batches from before its registration that it still runs and no client has
     # claimed yet: they hold a slot until their Recovered arrives
-    orphans: dict[str, None] = field(default_factory=dict)
+    orphans: dict[str, float] = field(default_factory=dict)  # -> when it came (inf: cancelled)
 
     @property
     def has_room(self) -> bool:

@@ -46,6 +46,7 @@ __all__ = [  # the events and commands, for the state's users
 ]
 
 MAX_NAME = 200  # peers name themselves: keep what we store and report bounded
+UNCLAIMED = float("inf")  # an orphan's arrival once it has been cancelled for want of a claim
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ class SchedulerState:
         """``worker`` still runs ``ref``: a waiting resubmission of it waits for that run."""
         task = self._task_of_ref(ref)
         if task is None or task.worker is not None:
-            worker.orphans[ref] = None  # claimed later by a resubmission, or by its Recovered
+            worker.orphans[ref] = self.now  # claimed later by a resubmission, or by its Recovered
             self.orphan_of[ref] = worker.conn
             return
         call = self._call_of(task)
@@ -286,9 +287,11 @@ class SchedulerState:
             del worker.orphans[ref]
             del self.orphan_of[ref]
             self._place(worker)
+        if msg.status not in (m.OK, m.ERROR):
+            return  # cancelled on request: nothing to deliver
         task = self._task_of_ref(ref)
         if task is None:
-            if msg.status in (m.OK, m.ERROR) and len(self.recovered) < 100_000:
+            if len(self.recovered) < 100_000:
                 self.recovered[ref] = (msg, self.now)  # its client may resubmit it yet
             return
         if task.adopted and task.worker == worker.conn:
@@ -318,15 +321,25 @@ class SchedulerState:
             del self.tasks[task.task_id]
             self._report(task, "", done[0].status, done[0].frames, out)
             return True
-        conn = self.orphan_of.pop(task.ref, None)
-        if conn is None:
-            return False
+        conn = self.orphan_of.get(task.ref)
+        if conn is None or self.workers[conn].orphans[task.ref] == UNCLAIMED:
+            return False  # cancelled on its worker: this one runs anew
+        del self.orphan_of[task.ref]
         worker = self.workers[conn]
         del worker.orphans[task.ref]
         self.by_ref[task.ref] = task.task_id
         self._start(task, call, worker)
         task.adopted = True
         return True
+
+    def _cancel_unclaimed(self, now: float, out: list[Command]) -> None:
+        """Orphans that no client claimed within the grace hold slots for nobody: cancel them (the
+        worker answers with a cancelled Recovered, or restarts if one overruns its grace)."""
+        for ref, conn in self.orphan_of.items():
+            orphans = self.workers[conn].orphans
+            if orphans[ref] <= now - self.config.recovery_grace:
+                orphans[ref] = UNCLAIMED
+                out.append(Send(conn, m.Cancel(0, 0, ref)))
 
     def _in_recovery_grace(self) -> bool:
         return self.started_at is None or self.now - self.started_at < self.config.recovery_grace
@@ -524,6 +537,8 @@ class SchedulerState:
             self.next_heartbeat = now + self.config.heartbeat_interval
             beat = m.Heartbeat()
             out.extend(Send(conn, beat) for conn in (*self.workers, *self.clients))
+        if self.orphan_of and not self._in_recovery_grace():
+            self._cancel_unclaimed(now, out)
         if self.recovered:
             expired = now - self.config.recovery_window
             for ref in [r for r, (_, at) in self.recovered.items() if at < expired]:

@@ -270,7 +270,7 @@ class WorkerDaemon:
             case m.Execute():
                 self._feed(ExecuteReceived(message))
             case m.Cancel(task_id=task_id, attempt=attempt):
-                self._feed(CancelReceived(task_id, attempt))
+                self._feed(CancelReceived(task_id, attempt, message.ref))
             case m.StoreData():
                 self._feed(StoreDataReceived(message))
             case m.DataSources():

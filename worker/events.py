@@ -29,6 +29,7 @@ class ExecuteReceived:
 class CancelReceived:
     task_id: int
     attempt: int
+    ref: str = ""  # an orphan named by its ref instead
 
 
 @dataclass(frozen=True, slots=True)

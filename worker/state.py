@@ -95,6 +95,7 @@ class WorkerState:
     running: dict[TaskKey, str] = field(default_factory=dict)  # -> func_name: in the threads (queued or running)
     cancelled: set[TaskKey] = field(default_factory=set)  # running, result unwanted
     orphans: set[TaskKey] = field(default_factory=set)  # running since an earlier session
+    announced: set[TaskKey] = field(default_factory=set)  # the orphans the registration named
     # the batches' names across sessions (Execute.ref): an orphan with one is still wanted, and
     # its outcome goes to the next scheduler as Recovered, as does one that ends while disconnected
     refs: dict[TaskKey, str] = field(default_factory=dict)
@@ -125,8 +126,11 @@ class WorkerState:
                 self._retire(out)
             case TaskWithdrawn(task_id=task_id, attempt=attempt):
                 self._withdrawn((task_id, attempt), out)
-            case CancelReceived(task_id=task_id, attempt=attempt):
+            case CancelReceived(task_id=task_id, attempt=attempt, ref=""):
                 self._cancel((task_id, attempt), out)
+            case CancelReceived(ref=ref):
+                for key in [k for k in self.orphans if self.refs.get(k) == ref]:
+                    self._cancel(key, out)
             case TaskCompleted():
                 self._completed(event, out)
             case SessionStarted():
@@ -184,6 +188,7 @@ class WorkerState:
         del self.running[key]
         self.cancelled_at.pop(key, None)
         self.orphans.discard(key)
+        self.announced.discard(key)
         self.refs.pop(key, None)
         if key in self.cancelled:
             self.cancelled.discard(key)
@@ -194,11 +199,13 @@ class WorkerState:
         key = (event.task_id, event.attempt)
         if key not in self.running:
             return
-        orphan, ref = key in self.orphans, self.refs.get(key, "")
+        orphan, ref, key_announced = key in self.orphans, self.refs.get(key, ""), key in self.announced
         self.completed += 1
         if not self._finish(key):
-            if not orphan:  # an orphan's session is gone: the scheduler now does not know it
+            if not orphan:
                 out.append(SendMessage(m.TaskDone(event.task_id, event.attempt, m.CANCELLED, event.duration)))
+            elif key_announced and self.registered:  # the scheduler cancelled it by its ref: its slot is free
+                out.append(SendMessage(m.Recovered(ref, m.CANCELLED, event.duration)))
         elif ref and (orphan or not self.registered):  # named by its ref for whichever scheduler comes
             recovered = m.Recovered(ref, event.status, event.duration, event.frames)
             if self.registered:
@@ -249,13 +256,15 @@ class WorkerState:
             if key in self.cancelled or key not in self.refs:
                 self.cancelled.add(key)
                 self.cancelled_at[key] = self.now
+            else:
+                self.announced.add(key)
 
     @property
     def orphan_refs(self) -> list[str]:
         """For the registration: the refs of the batches still running from before, and of those
         whose outcome is held.  The scheduler then runs none of them again, even when their
         resubmission arrives before the Recovered that follows the Welcome."""
-        return [*(self.refs[key] for key in self.orphans if key not in self.cancelled), *self.held]
+        return [*(self.refs[key] for key in self.announced), *self.held]
 
     def _drain(self, out: list[Command]) -> None:
         if self.drain_since is not None or self.restarting or not self.connected:
@@ -394,7 +403,7 @@ class WorkerState:
         return not self.running and not self.waiting
 
     def validate(self) -> None:
-        assert self.orphans <= set(self.running) and self.cancelled <= set(self.running)
+        assert self.announced <= self.orphans <= set(self.running) and self.cancelled <= set(self.running)
         assert set(self.refs) <= set(self.running) | {(w.task_id, w.attempt) for w in self.waiting}
         assert set(self.cancelled_at) <= self.cancelled
         assert not (self.retiring and self.waiting)

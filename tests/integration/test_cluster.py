@@ -512,12 +512,14 @@ def test_scheduler_killed_mid_call_fails_promptly(cluster: RunningCluster, marks
         with parallel_config(backend="cluster", scheduler=cluster.client):
             return Parallel(n_jobs=-1)(delayed(tasks.mark_and_sleep)(str(marks), 30.0) for _ in range(2))
 
+    # calls wait for a lost scheduler up to the client's reconnect_timeout, then fail
+    cluster.client.reconnect_timeout = 2.0
     pool, future = run_in_thread(call)
     with pool:
         wait_for_mark(marks)
         cluster.scheduler.kill()
         killed = time.monotonic()
-        with pytest.raises(jobsched.SchedulerUnreachableError):
+        with pytest.raises(jobsched.SchedulerUnreachableError, match="could not reconnect for 2 s"):
             future.result(20)
         assert time.monotonic() - killed < 5
     # later calls fail at once too, rather than hang

@@ -188,7 +188,7 @@ def test_wrong_field_type_is_refused(op, index, bad):
 
 def test_bool_is_not_an_int():
     with pytest.raises(MalformedMessage):
-        m.decode(body("cancel", True, 1))
+        m.decode(body("cancel", True, 1, ""))
     with pytest.raises(MalformedMessage):
         m.decode(body("heartbeat", False))
 
@@ -272,7 +272,7 @@ def test_buffers_on_a_message_without_frames_are_refused(op):
 
 
 def test_ext_types_are_refused():
-    raw = msgpack.packb(["cancel", msgpack.ExtType(5, b"xx"), 1], use_bin_type=True)
+    raw = msgpack.packb(["cancel", msgpack.ExtType(5, b"xx"), 1, ""], use_bin_type=True)
     with pytest.raises(MalformedMessage, match="invalid type"):
         m.decode(Frame(raw))
 

@@ -250,3 +250,17 @@ def test_a_held_call_cancelled_during_the_grace_stays_cancelled():
     sim.submit(1, 5)
     assert sim.msg(1, m.CancelCall(1)) == []
     assert sim(Ticked(107.0)) == [] and sim.state.tasks == {}
+
+
+def test_an_orphan_no_client_claims_within_the_grace_is_cancelled_and_its_slot_freed():
+    sim = Sim(recovery_grace=6.0, heartbeat_timeout=100.0)
+    sim(Ticked(100.0))
+    worker(sim, 2, "w", nthreads=1, running=(ref(5),))
+    client(sim)
+    assert sim.submit(1, 9) == []  # w's slot is the orphan's
+    assert sim(Ticked(105.0)) == []
+    assert sim(Ticked(106.5)) == [Send(2, m.Cancel(0, 0, ref(5)))]
+    assert sim(Ticked(107.0)) == []  # once
+    assert sim.submit(1, 5) == []  # claimed too late: it runs anew, after the slot is free
+    assert sim.msg(2, m.Recovered(ref(5), m.CANCELLED, 0.1)) == [execute(2, 1, 9)]
+    assert sim.state.recovered == {}

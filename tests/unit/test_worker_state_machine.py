@@ -343,3 +343,15 @@ def test_a_silent_scheduler_is_left_after_the_scheduler_timeout():
     sim(SessionEnded())
     sim(SessionStarted())
     assert sim(Ticked(100.0)) == []  # not registered yet: nothing to time
+
+
+def test_an_orphan_cancelled_by_its_ref_reports_its_slot_free():
+    sim = Sim(cancel_grace=5.0, supervised=True)
+    sim(Welcomed(0.0))
+    execute_ref(sim, 1)
+    sim(SessionEnded())
+    sim(SessionStarted())
+    sim(Welcomed(1.0))
+    assert sim(CancelReceived(0, 0, "s/1")) == [WithdrawTask(1, 1)]
+    assert sim(CancelReceived(0, 0, "s/unknown")) == []
+    assert sim.complete(1) == [SendMessage(m.Recovered("s/1", m.CANCELLED, 0.5))]
