@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paused-timeout", type=positive(float), default=60.0,
                    help="seconds batches wait while every worker is paused by its memory limit before "
                    "they fail (default 60)")
+    p.add_argument("--recovery-grace", type=positive(float), default=6.0,
+                   help="seconds after start during which a returning client's batches wait for the workers "
+                   "that may still run or hold them (default 6)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="never send a busy worker a batch to hold (by default, calls whose batches run "
                    "under 20 ms get one extra batch per slot, so workers do not wait a round trip)")
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         max_deaths=int(args.allowed_failures),
         no_worker_timeout=float(args.no_worker_timeout),
         paused_timeout=float(args.paused_timeout),
+        recovery_grace=float(args.recovery_grace),
         prefetch=not args.no_prefetch,
     )
 
