@@ -102,7 +102,11 @@ def test_grid_search_with_scatter_survives_scheduler_restarts(pool, restarts):
 
 # ----------------------- 2 and 3. what finished during the outage is not rerun
 @pytest.mark.timeout(180)
-def test_a_batch_finished_while_the_scheduler_was_down_is_not_run_again(pool, tmp_path):
+@pytest.mark.parametrize(("seconds", "down", "count"), [
+    (2.0, 3.0, 6),  # the two running batches end while the scheduler is down
+    (6.0, 1.0, 4),  # the scheduler is back while the first two still run
+], ids=["ended-during-the-outage", "still-running-after-it"])
+def test_a_batch_running_when_the_scheduler_died_is_not_run_again(pool, tmp_path, seconds, down, count):
     cluster, port = cluster_with_restartable_scheduler(pool)
     client = cluster.client
     marks = tmp_path / "marks"
@@ -110,16 +114,16 @@ def test_a_batch_finished_while_the_scheduler_was_down_is_not_run_again(pool, tm
     def call():
         with parallel_config(backend="cluster", scheduler=client):
             return Parallel(n_jobs=2, batch_size=1)(
-                delayed(fault_tasks.mark_then_sleep)(str(marks), i, 2.0) for i in range(6))
+                delayed(fault_tasks.mark_then_sleep)(str(marks), i, seconds) for i in range(count))
 
     executor, future = run_in_thread(call)
     with executor:
         wait_until(lambda: len(executions(marks)) >= 2, 60, "the call never started")
-        killed = restart_scheduler(pool, cluster, port, 3.0)  # the two running batches end meanwhile
+        killed = restart_scheduler(pool, cluster, port, down)
         results = future.result(120)
         finished = time.monotonic() - killed
-    assert [i for i, _ in results] == list(range(6))
-    assert executions(marks) == {i: 1 for i in range(6)}, "a batch ran twice"
+    assert [i for i, _ in results] == list(range(count))
+    assert executions(marks) == {i: 1 for i in range(count)}, "a batch ran twice"
     log = cluster.scheduler.log()
     assert "invalid status" not in log, log
 
@@ -127,27 +131,8 @@ def test_a_batch_finished_while_the_scheduler_was_down_is_not_run_again(pool, tm
     with parallel_config(backend="cluster", scheduler=client):
         assert [sq for _, sq, _ in Parallel(n_jobs=2)(delayed(fault_tasks.tagged)(i) for i in range(30))] == [
             i * i for i in range(30)]
-    recovery("outage-results-kept", finished, "from SIGKILL to the call's end, 6 x 2 s batches, none rerun")
-
-
-@pytest.mark.timeout(180)
-def test_batches_still_running_across_a_restart_are_not_run_again(pool, tmp_path):
-    cluster, port = cluster_with_restartable_scheduler(pool)
-    client = cluster.client
-    marks = tmp_path / "marks"
-
-    def call():
-        with parallel_config(backend="cluster", scheduler=client):
-            return Parallel(n_jobs=2, batch_size=1)(
-                delayed(fault_tasks.mark_then_sleep)(str(marks), i, 6.0) for i in range(4))
-
-    executor, future = run_in_thread(call)
-    with executor:
-        wait_until(lambda: len(executions(marks)) >= 2, 60, "the call never started")
-        restart_scheduler(pool, cluster, port, 1.0)  # back while the first two still run
-        results = future.result(120)
-    assert [i for i, _ in results] == list(range(4))
-    assert executions(marks) == {i: 1 for i in range(4)}, "a batch ran twice"
+    recovery(f"kept-{seconds:g}s-batches-down-{down:g}s", finished,
+             f"from SIGKILL to the call's end, {count} x {seconds:g} s batches, none rerun")
 
 
 # --------------------------------------------------------- 4. a short freeze
