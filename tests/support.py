@@ -385,7 +385,11 @@ def read_frame(sock: socket.socket, decoder: FrameDecoder, timeout: float = 10.0
 
 
 def read_message(sock: socket.socket, decoder: FrameDecoder, timeout: float = 10.0) -> m.Message:
-    return m.decode(read_frame(sock, decoder, timeout))
+    """The next message other than the scheduler's heartbeats (it beats every second)."""
+    while True:
+        message = m.decode(read_frame(sock, decoder, timeout))
+        if type(message) is not m.Heartbeat:
+            return message
 
 
 def authenticated_socket(address: str, secret: bytes | None = None,

@@ -498,7 +498,7 @@ class Barrage:
             fatal = rng.choice([
                 message_bytes(m.TaskDone(1, 1, "ok", 0.0, ())),
                 message_bytes(m.Execute(1, 1, "x", ())),
-                message_bytes(m.Heartbeat(0)),
+                message_bytes(m.Recovered("x/1", "ok", 0.0, ())),  # a worker's message
                 message_bytes(m.RegisterClient("again", 1, "h")),
                 message_bytes(m.RegisterWorker("sneaky", 1, 1, "h", 0)),
                 message_bytes(m.Welcome("x", 1.0)),
