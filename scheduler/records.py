@@ -16,10 +16,20 @@ LogEvent = dict[str, Any]  # {"time": float, "kind": str, "text": str}: a join, 
 
 
 # ------------------------------------------------------------------- events
+CLIENT = "client"  # the roles a connection proved in its handshake
+WORKER = "worker"
+
+
 @dataclass(frozen=True, slots=True)
 class PeerConnected:
+    """A peer passed the handshake.  ``role`` is what it proved it may be (CLIENT or WORKER),
+    ``user`` who it is, ``admin`` whether it holds the cluster secret (or none is configured)."""
+
     conn: ConnId
     address: str
+    role: str = ""  # interim defaults while the roles land; to be required
+    user: str = ""
+    admin: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +49,24 @@ class Ticked:
     now: float
 
 
-Event = PeerConnected | MessageReceived | PeerDisconnected | Ticked
+@dataclass(frozen=True, slots=True)
+class UserPolicy:
+    """What the users file says of one user."""
+
+    weight: float = 1.0  # their share of the slots against other users with work queued
+    max_slots: int = 0  # cap on their running batches; 0: none
+
+
+@dataclass(frozen=True, slots=True)
+class UsersChanged:
+    """The users file was (re)loaded: every known user and their policy.  ``revoked``: users
+    whose token was removed or rotated, whose open connections must close."""
+
+    users: dict[str, UserPolicy]
+    revoked: frozenset[str] = frozenset()
+
+
+Event = PeerConnected | MessageReceived | PeerDisconnected | Ticked | UsersChanged
 
 
 # ----------------------------------------------------------------- commands
