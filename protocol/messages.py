@@ -39,7 +39,8 @@ M = TypeVar("M", bound="Message")
 # through /dev/shm (share domains, segments)
 # 4: batches keep their identity across scheduler restarts (client sessions, batch refs,
 # Recovered); the scheduler sends heartbeats too
-PROTOCOL_VERSION = 4
+# 5: users and roles: the handshake names the user; calls have a priority; cancel requests
+PROTOCOL_VERSION = 5
 
 # Batch/task outcomes carried by BatchDone and TaskDone.
 OK = "ok"  # frames: the pickled result
@@ -47,7 +48,9 @@ ERROR = "error"  # frames: the pickled exception raised by user code
 LOST = "lost"  # workers died running it too often; text in ``error``
 NO_WORKERS = "no-workers"  # no worker was connected for too long; text in ``error``
 FAILED = "failed"  # the cluster could not run it for another reason; text in ``error``
-CANCELLED = "cancelled"  # worker -> scheduler only: the batch was cancelled, its slot is free
+# worker -> scheduler: the batch was cancelled, its slot is free; scheduler -> client: someone
+# with the right (the admin, or the same user from another client) cancelled the call: text in ``error``
+CANCELLED = "cancelled"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -235,6 +238,7 @@ class SubmitBatch(Message):
     max_running: int = 0
     frames: Frames = dataclasses.field(default=(), repr=False)
     keys: list[str] = dataclasses.field(default_factory=list)  # scattered data the batch needs
+    priority: int = 0  # orders one user's own calls: higher first (taken from the call's first batch)
 
 
 @message("cancel-call")
@@ -249,6 +253,23 @@ class BatchDone(Message):
     worker: str = ""
     error: str = ""
     frames: Frames = dataclasses.field(default=(), repr=False)
+
+
+@message("cancel-request")
+class CancelRequest(Message):
+    """Cancel the work of ``user`` (every call of theirs) or one ``call`` (its id as
+    ``scheduler_info()`` shows it).  Only the admin may name another user's work."""
+
+    request_id: int = 0
+    user: str = ""
+    call: str = ""
+
+
+@message("cancel-reply")
+class CancelReply(Message):
+    request_id: int = 0
+    cancelled: int = 0  # calls cancelled
+    error: str = ""  # why nothing was cancelled (no right, no such call or user)
 
 
 @message("info-request")

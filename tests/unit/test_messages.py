@@ -133,7 +133,7 @@ def test_frames_travel_as_buffers_not_in_the_body(op):
 
 def test_body_is_op_then_fields_in_declaration_order():
     pieces = m.encode(m.SubmitBatch(5, 6, "fit", 2, (b"x",), ["k1", "k2"]))
-    assert msgpack.unpackb(pieces[1]) == ["submit", 5, 6, "fit", 2, ["k1", "k2"]]  # frames are not in the body
+    assert msgpack.unpackb(pieces[1]) == ["submit", 5, 6, "fit", 2, ["k1", "k2"], 0]  # frames are not in the body
     assert [bytes(p) for p in pieces[2:]] == [b"x"]
 
 
