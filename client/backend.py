@@ -36,15 +36,15 @@ _shared_clients: dict[tuple, Client] = {}
 _shared_lock = threading.Lock()
 
 
-def _shared_client(address: str | None, secret: Any) -> Client:
-    """One Client per (address, secret) for ``scheduler=`` given as an address, and one
+def _shared_client(address: str | None, secret: Any, token: str | None = None) -> Client:
+    """One Client per (address, secret, token) for ``scheduler=`` given as an address, and one
     embedded local cluster when there is no address and no current Client.  They live
     until the interpreter exits, so successive ``parallel_config`` blocks reuse them."""
-    key = (address, secret)
+    key = (address, secret, token)
     with _shared_lock:
         client = _shared_clients.get(key)
         if client is None or client.closed:
-            client = _shared_clients[key] = Client(address, secret=secret, set_as_current=False)
+            client = _shared_clients[key] = Client(address, secret=secret, token=token, set_as_current=False)
         return client
 
 
@@ -60,7 +60,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
 
     Parameters (through ``parallel_config(backend="cluster", ...)``):
     ``scheduler``: an address or a ``Client`` (default: the current Client, else an
-    embedded local cluster); ``secret``: the shared secret for an address;
+    embedded local cluster); ``secret``: the shared secret for an address; ``token``: a
+    user's token for an address (``NAME:SECRET``, see ``Client`` for the environment and files
+    used when neither is given);
     ``wait_for_workers_timeout``: seconds to wait for a first worker before failing;
     ``reconnect_timeout``: seconds a call waits for a lost scheduler to come back before its
     batches fail with ``SchedulerUnreachableError`` (default: the Client's, 60);
@@ -94,6 +96,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self,
         scheduler: str | Client | None = None,
         secret: str | bytes | None = None,
+        token: str | None = None,
         wait_for_workers_timeout: float = 60.0,
         capture_output: bool = True,
         capture_warnings: bool = True,
@@ -112,6 +115,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **kwargs)
         self.scheduler = scheduler
         self.secret = secret
+        self.token = token
         self.wait_for_workers_timeout = wait_for_workers_timeout
         if reconnect_timeout is not None and not reconnect_timeout >= 0:
             raise ValueError(f"reconnect_timeout must be >= 0 seconds, not {reconnect_timeout!r}")
@@ -272,7 +276,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
                 raise ValueError("the Client given as scheduler= is closed")
             return self.scheduler
         if self.scheduler is not None:
-            return _shared_client(str(self.scheduler), self.secret)
+            return _shared_client(str(self.scheduler), self.secret, self.token)
+        if self.token is not None:  # for the scheduler JOBSCHED_SCHEDULER names, not the current Client's
+            return _shared_client(None, None, self.token)
         return current_client() or _shared_client(None, None)
 
     def _wait_for_slots(self, client: Client) -> int:

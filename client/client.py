@@ -35,10 +35,12 @@ from ..protocol import HandshakeError, Role
 from ..protocol import messages as m
 from ..protocol.address import parse_address
 from ..protocol.aio import Connection, open_connection
+from ..protocol.handshake import os_user
 from ..protocol.tls import TLSConfig, client_context
 from ..runtime.daemon import new_event_loop
 from ..runtime.scheduler_file import read_scheduler_file
-from ..runtime.secret import load_secret
+from ..runtime.secret import load_credentials
+from ..runtime.tokens import token_user
 from .errors import ClusterError, NoWorkersError, SchedulerUnreachableError, WorkerLostError
 from .local_cluster import LocalCluster
 from .replay import replay
@@ -96,6 +98,13 @@ class Client:
     default 60) bounds that wait: past it the waiting batches fail with
     ``SchedulerUnreachableError``.  A scheduler that sends nothing for
     ``heartbeat_timeout`` seconds (default 10; it beats every second) is taken for gone.
+
+    Credentials, the first found wins: ``token`` / ``token_file`` (a user's token, as
+    ``jobsched-scheduler --add-user`` printed it) or ``secret`` / ``secret_file`` (the
+    cluster secret, the admin's credential, acting as ``user``, by default the OS user
+    name); then ``JOBSCHED_TOKEN``, ``JOBSCHED_TOKEN_FILE``, ``JOBSCHED_SECRET``,
+    ``JOBSCHED_SECRET_FILE``; then the files ``token`` and ``secret`` in
+    ``$XDG_CONFIG_HOME/jobsched`` (default ``~/.config/jobsched``), which must be mode 0600.
     """
 
     def __init__(
@@ -104,6 +113,9 @@ class Client:
         *,
         secret: str | bytes | None = None,
         secret_file: str | None = None,
+        token: str | None = None,
+        token_file: str | None = None,
+        user: str | None = None,
         timeout: float = 30.0,
         scheduler_file: str | None = None,
         n_workers: int | None = None,
@@ -133,10 +145,14 @@ class Client:
         if isinstance(address, LocalCluster):
             self.cluster = address
             address, secret = self.cluster.address, self.cluster.secret
+            secret_file = token = token_file = None  # its daemons know their own secret only
         self.address = parse_address(address)
         tls = TLSConfig(tls_cert, tls_key, tls_ca_file)
         self._ssl = client_context(tls) if self.address.scheme == "tls" else None
-        self.secret = load_secret(secret_file, secret)
+        self.secret, self.token = load_credentials(secret, secret_file, token, token_file)
+        self.user = token_user(self.token) if self.token else user or os_user()  # who the scheduler sees
+        if user and self.user != user:
+            raise ValueError(f"the token is user {self.user!r}'s: it cannot act as {user!r}")
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
 
         # names this client's batches across reconnections and scheduler restarts
@@ -249,7 +265,8 @@ class Client:
 
     async def _open(self) -> None:
         conn = await open_connection(
-            self.address.host, self.address.port, Role.CLIENT, self.secret, ssl=self._ssl, timeout=self.timeout
+            self.address.host, self.address.port, Role.CLIENT, self.secret, ssl=self._ssl, timeout=self.timeout,
+            token=self.token, user=self.user,
         )
         welcomed = self._loop.create_future()
 

@@ -65,7 +65,8 @@ class LocalCluster:
         # workers unpickle functions by module name: let them import what this process can
         paths = [os.path.abspath(p or os.curdir) for p in sys.path]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + env.get("PYTHONPATH", "").split(os.pathsep)))
-        env.pop("JOBSCHED_SECRET_FILE", None)
+        for variable in ("JOBSCHED_SECRET_FILE", "JOBSCHED_TOKEN", "JOBSCHED_TOKEN_FILE", "JOBSCHED_USERS_FILE"):
+            env.pop(variable, None)  # its own secret only: no users, nothing of a cluster this process may use
         return env
 
     def _spawn(self, module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -36,6 +36,7 @@ _PUBLIC = {
     "WorkerLostError": ".client.errors",
     "ConfigError": ".runtime.config",
     "SecretError": ".runtime.secret",
+    "UsersFileError": ".runtime.users",
 }
 __all__ = sorted(_PUBLIC)
 

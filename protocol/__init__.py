@@ -12,7 +12,7 @@ from .errors import (
     VersionMismatch,
 )
 from .framing import PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, encode_frame
-from .handshake import AcceptorHandshake, InitiatorHandshake, Role
+from .handshake import AcceptorHandshake, Credential, InitiatorHandshake, Role
 from .messages import PROTOCOL_VERSION, Message, decode, encode
 
 __all__ = [
@@ -20,6 +20,6 @@ __all__ = [
     "AuthenticationError", "FrameTooLarge", "HandshakeError", "JobschedError", "MalformedMessage",
     "ProtocolError", "TLSError", "VersionMismatch",
     "PREAUTH_LIMITS", "Frame", "FrameDecoder", "FrameLimits", "encode_frame",
-    "AcceptorHandshake", "InitiatorHandshake", "Role",
+    "AcceptorHandshake", "Credential", "InitiatorHandshake", "Role",
     "PROTOCOL_VERSION", "Message", "decode", "encode",
 ]

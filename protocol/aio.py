@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from .errors import HandshakeError, ProtocolError, TLSError
 from .framing import DEFAULT_LIMITS, PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, encode_frame
-from .handshake import AcceptorHandshake, InitiatorHandshake, Role
+from .handshake import AcceptorHandshake, InitiatorHandshake, Role, UserLookup
 from .messages import PROTOCOL_VERSION, Message, decode, encode
 
 log = logging.getLogger("jobsched.protocol")
@@ -259,10 +259,14 @@ async def open_connection(
     timeout: float = HANDSHAKE_TIMEOUT,
     limits: FrameLimits = DEFAULT_LIMITS,
     peer_name: str = "scheduler",
+    token: str | bytes | None = None,
+    user: str | None = None,
 ) -> Connection:
-    """Connect and complete the handshake; raises HandshakeError or OSError naming the cause."""
+    """Connect and complete the handshake, with the user ``token`` if given, else with the
+    ``secret`` (as ``user``, by default the OS user name); raises HandshakeError or OSError
+    naming the cause."""
     loop = asyncio.get_running_loop()
-    handshake = InitiatorHandshake(role, secret, PROTOCOL_VERSION, peer_name)
+    handshake = InitiatorHandshake(role, secret, PROTOCOL_VERSION, peer_name, token=token, user=user)
 
     async def connect() -> Connection:
         _, conn = await loop.create_connection(
@@ -299,13 +303,16 @@ async def start_server(
     ssl: ssl_module.SSLContext | None = None,
     limits: FrameLimits = DEFAULT_LIMITS,
     max_unauthenticated: int = 256,
+    users: UserLookup | None = None,
 ) -> asyncio.Server:
-    """Listen; each connection that completes the handshake is passed to ``on_connection``."""
+    """Listen; each connection that completes the handshake is passed to ``on_connection``
+    (its ``handshake`` tells the role, user and admin flag it proved).  ``users`` looks a
+    user's token up by name, for each new connection: see ``AcceptorHandshake``."""
     loop = asyncio.get_running_loop()
     pending: set[Connection] = set()
 
     def factory() -> Connection:
-        conn = Connection(AcceptorHandshake(secret, PROTOCOL_VERSION, accept_roles), limits)
+        conn = Connection(AcceptorHandshake(secret, PROTOCOL_VERSION, accept_roles, users), limits)
         if len(pending) >= max_unauthenticated:
             conn.refuse_reason = "too many unauthenticated connections"
             return conn

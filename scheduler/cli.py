@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import os
+import signal
 import sys
 
 from ..protocol.address import DEFAULT_PORT, is_loopback_host, parse_address
@@ -15,7 +16,9 @@ from ..runtime.config import parse_daemon_args
 from ..runtime.daemon import configure_logging, run_daemon
 from ..runtime.options import add_common_options, port, positive, tls_config
 from ..runtime.scheduler_file import write_scheduler_file
-from ..runtime.secret import SecretError, load_secret, write_new_secret
+from ..runtime.secret import SecretError, ensure_default_secret, load_secret, write_new_secret
+from ..runtime.tokens import looks_like_token
+from ..runtime.users import UsersFileError, add_user, check_max_slots, check_weight, remove_user
 from .http import StatusServer
 from .server import SchedulerServer, tune_gc
 from .state import SchedulerConfig
@@ -29,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the jobsched scheduler: workers and clients connect to it.",
         epilog="Every option can also be set as JOBSCHED_<OPTION> (e.g. JOBSCHED_PORT) or in a TOML config "
         "file. The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE, "
-        "never from the command line. Binding a non-loopback address requires one.",
+        "never from the command line; on 127.0.0.1 without one, the scheduler creates a private one in "
+        "$XDG_CONFIG_HOME/jobsched/secret (default ~/.config/jobsched/secret). Binding a non-loopback address "
+        "requires a secret. SIGHUP reloads the --users-file.",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
@@ -54,8 +59,65 @@ def build_parser() -> argparse.ArgumentParser:
                    "'none' disables it; a busy port falls back to a free one)")
     p.add_argument("--generate-secret", metavar="PATH", default=None,
                    help="write a new random secret to PATH (mode 0600) and exit")
+    add_user_options(p)
     add_common_options(p)
     return p
+
+
+def add_user_options(p: argparse.ArgumentParser) -> None:
+    users = p.add_argument_group("users and their tokens")
+    users.add_argument("--users-file", metavar="PATH", default=None,
+                       help="TOML file of the users who connect with a token, their weight and max-slots "
+                       "(mode 0600); reloaded on SIGHUP")
+    users.add_argument("--add-user", metavar="NAME", default=None,
+                       help="with --users-file: create user NAME or give them a new token (keeping their weight "
+                       "and max-slots), print the token alone on the last line, and exit")
+    users.add_argument("--remove-user", metavar="NAME", default=None,
+                       help="with --users-file: remove user NAME and exit (SIGHUP the running scheduler to apply)")
+    users.add_argument("--weight", type=_weight, default=None,
+                       help="with --add-user: the user's share against other users with work queued (default 1)")
+    users.add_argument("--max-slots", type=_max_slots, default=None,
+                       help="with --add-user: cap on the user's running batches (default 0: none)")
+
+
+def _weight(text: str) -> float:
+    try:
+        return check_weight(float(text), "--weight")
+    except (ValueError, UsersFileError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _max_slots(text: str) -> int:
+    try:
+        return check_max_slots(int(text), "--max-slots")
+    except (ValueError, UsersFileError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def edit_users(args: argparse.Namespace) -> int:
+    """``--add-user`` / ``--remove-user``: one edit of the users file, then exit."""
+    if not args.users_file:
+        print("jobsched-scheduler: --add-user and --remove-user need --users-file PATH (or JOBSCHED_USERS_FILE)",
+              file=sys.stderr)
+        return 2
+    if args.add_user and args.remove_user:
+        print("jobsched-scheduler: give --add-user or --remove-user, not both", file=sys.stderr)
+        return 2
+    try:
+        if args.remove_user:
+            remove_user(args.users_file, args.remove_user)
+            print(f"removed user {args.remove_user} from {args.users_file}; send the running scheduler SIGHUP "
+                  "to close their connections")
+            return 0
+        token = add_user(args.users_file, args.add_user, args.weight, args.max_slots)
+    except UsersFileError as exc:
+        print(f"jobsched-scheduler: {exc}", file=sys.stderr)
+        return 2
+    print(f"user {args.add_user} in {args.users_file} has a new token (any earlier one stops working once the "
+          "scheduler reloads the file on SIGHUP). They set it as JOBSCHED_TOKEN, or keep it in "
+          "~/.config/jobsched/token (mode 0600). Their token:")
+    print(token)
+    return 0
 
 
 DASHBOARD_OFF = ("", "none", "off")
@@ -92,6 +154,20 @@ def _start_dashboard(server: SchedulerServer, text: str) -> StatusServer | None:
     return status
 
 
+def scheduler_secret(secret_file: str | None, host: str) -> bytes | None:
+    """The configured secret; on a loopback address without one, the owner's private default
+    secret (created if missing), so that only this user's workers and clients get in."""
+    secret = load_secret(secret_file)
+    if secret is not None and looks_like_token(secret):
+        raise SecretError("the configured secret is a user token (NAME:SECRET): the scheduler needs the "
+                          "cluster secret; tokens belong in the users file (--users-file)")
+    if secret is None and is_loopback_host(host):
+        secret, path, created = ensure_default_secret()
+        log.info("no secret configured: using the private secret in %s (%s, mode 0600); this user's workers, "
+                 "clients and jobsched status find it there", path, "created now" if created else "already there")
+    return secret
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_daemon_args(build_parser(), argv, "scheduler")
     configure_logging(args.log_level)
@@ -106,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote a new secret to {args.generate_secret} (mode 0600)")
         return 0
+    if args.add_user or args.remove_user:
+        return edit_users(args)
+    if args.weight is not None or args.max_slots is not None:
+        print("jobsched-scheduler: --weight and --max-slots go with --add-user NAME", file=sys.stderr)
+        return 2
     try:
-        secret = load_secret(args.secret_file)
+        secret = scheduler_secret(args.secret_file, args.host)
         tls = tls_config(args)
         ssl = server_context(tls) if tls.configured else None
     except (SecretError, ValueError, OSError) as exc:
@@ -132,9 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         prefetch=not args.no_prefetch,
     )
 
+    try:
+        server = SchedulerServer(args.host, int(args.port), secret, config, ssl=ssl, users_file=args.users_file)
+    except UsersFileError as exc:
+        print(f"jobsched-scheduler: {exc}", file=sys.stderr)
+        return 2
+    if args.users_file:
+        log.info("users file %s: %d users; SIGHUP reloads it", args.users_file, len(server.users))
+
     async def serve(stop: asyncio.Event) -> int:
         tune_gc()
-        server = SchedulerServer(args.host, int(args.port), secret, config, ssl=ssl)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, server.reload_users)  # before listening: SIGHUP would end us
         try:
             address = await server.start()
         except OSError as exc:
@@ -147,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             await stop.wait()
         finally:
             log.info("shutting down")
+            loop.remove_signal_handler(signal.SIGHUP)
             if status is not None:
                 status.stop()
             await server.stop()

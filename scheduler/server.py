@@ -13,10 +13,23 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol import Role
+from ..protocol import AcceptorHandshake, Role
 from ..protocol import messages as m
 from ..protocol.aio import Connection, start_server
-from .records import Close, Event, MessageReceived, PeerConnected, PeerDisconnected, Send, Ticked
+from ..runtime.users import Users, UsersFileError, read_users, revoked
+from .records import (
+    CLIENT,
+    WORKER,
+    Close,
+    Event,
+    MessageReceived,
+    PeerConnected,
+    PeerDisconnected,
+    Send,
+    Ticked,
+    UserPolicy,
+    UsersChanged,
+)
 from .state import DEFAULT_CONFIG, SchedulerConfig, SchedulerState
 
 log = logging.getLogger("jobsched.scheduler")
@@ -39,12 +52,17 @@ class SchedulerServer:
         secret: bytes | None,
         config: SchedulerConfig = DEFAULT_CONFIG,
         ssl: ssl_module.SSLContext | None = None,
+        users_file: str | None = None,
     ) -> None:
+        """``users_file``: the users and their tokens (``runtime/users.py``), read now
+        (UsersFileError if unusable) and again by ``reload_users`` (on SIGHUP)."""
         self.host = host
         self.ssl = ssl
         self.port = port
         self.secret = secret
         self.config = config
+        self.users_file = users_file
+        self.users: Users = read_users(users_file) if users_file else {}
         self.state: SchedulerState | None = None
         self.connections: dict[int, Connection] = {}
         self._next_conn = 1
@@ -60,7 +78,8 @@ class SchedulerServer:
 
     async def start(self) -> str:
         self._server = await start_server(
-            self.host, self.port, self.secret, frozenset({Role.CLIENT, Role.WORKER}), self._on_connection, ssl=self.ssl
+            self.host, self.port, self.secret, frozenset({Role.CLIENT, Role.WORKER}), self._on_connection, ssl=self.ssl,
+            users=self._token_of if self.users_file else None,
         )
         sockname = self._server.sockets[0].getsockname()
         host = sockname[0]
@@ -74,6 +93,7 @@ class SchedulerServer:
         config = SchedulerConfig(**{**self.config.__dict__, "address": self.address, "first_task_id": first_task_id})
         self.state = SchedulerState(config)
         self._dispatch(Ticked(time.monotonic()))
+        self._dispatch(UsersChanged(self._policies(), frozenset()))
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
         log.info("scheduler listening at %s", self.address)
         return self.address
@@ -110,11 +130,45 @@ class SchedulerServer:
             "queued": len(self.state.tasks) - sum(len(w.running) for w in self.state.workers.values()),
         })
 
+    # ------------------------------------------------------------------ users
+    def _token_of(self, user: str) -> bytes | None:
+        """The handshake's lookup: read at each new connection, so a reload applies at once."""
+        entry = self.users.get(user)
+        return entry.token.encode() if entry is not None else None
+
+    def _policies(self) -> dict[str, UserPolicy]:
+        return {name: UserPolicy(user.weight, user.max_slots) for name, user in self.users.items()}
+
+    def reload_users(self) -> bool:
+        """Read the users file again (on SIGHUP).  New connections are checked against it at
+        once; the state closes the connections of removed users and of rotated tokens.  A
+        file that cannot be used is logged and the users loaded before are kept."""
+        if not self.users_file:
+            log.warning("reload requested, but this scheduler has no users file (--users-file): nothing to reload")
+            return False
+        try:
+            users = read_users(self.users_file)
+        except UsersFileError as exc:
+            log.error("not reloading the users: %s; keeping the %d users loaded before", exc, len(self.users))
+            return False
+        gone = revoked(self.users, users)
+        added = sorted(set(users) - set(self.users))
+        self.users = users
+        log.info("reloaded the users file %s: %d users (added: %s; removed or rotated: %s)", self.users_file, len(users),
+                 ", ".join(added) or "none", ", ".join(sorted(gone)) or "none")
+        if self.state is not None:
+            self._dispatch(UsersChanged(self._policies(), gone))
+        return True
+
+    # ------------------------------------------------------------ connections
     def _on_connection(self, conn: Connection) -> None:
         conn_id = self._next_conn
         self._next_conn += 1
         self.connections[conn_id] = conn
-        self._dispatch(PeerConnected(conn_id, f"tcp://{conn.peer}"))
+        proved = conn.handshake
+        assert isinstance(proved, AcceptorHandshake) and proved.done  # start_server's connections
+        role = CLIENT if proved.peer_role == Role.CLIENT else WORKER
+        self._dispatch(PeerConnected(conn_id, f"tcp://{conn.peer}", role, proved.peer_user, proved.peer_admin))
         conn.set_handlers(
             lambda _c, message: self._on_message(conn_id, conn, message),
             lambda _c, reason: self._on_close(conn_id, reason),

@@ -37,6 +37,7 @@ from .records import (
     Send,
     TaskRecord,
     Ticked,
+    UsersChanged,
     WorkerRecord,
 )
 
@@ -114,6 +115,8 @@ class SchedulerState:
                 self.addresses[conn] = address
             case PeerDisconnected(conn, reason):
                 self._on_disconnect(conn, out, reason)
+            case UsersChanged():
+                pass  # interim, until the share policy (part 1 of issue 17) keeps the users and closes revoked ones
             case _:
                 raise TypeError(f"unknown event {event!r}")
         self._schedule(out)

@@ -17,6 +17,7 @@ tests use directly, are in ``support.py``.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 
@@ -105,6 +106,31 @@ def data_cluster(daemons, data_path) -> Iterator[tuple[RunningCluster, Status]]:
         yield running, dashboard_of(running.scheduler)
     finally:
         running.client.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_config_home(tmp_path_factory) -> Iterator[None]:
+    """``XDG_CONFIG_HOME`` for the fixtures wider than one test (set up before any of them): no
+    scheduler started by the tests writes its default secret among the developer's files."""
+    saved = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config-home"))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("XDG_CONFIG_HOME", None)
+        else:
+            os.environ["XDG_CONFIG_HOME"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _config_home(tmp_path_factory, monkeypatch) -> str:
+    """A ``XDG_CONFIG_HOME`` of each test's own: a scheduler started without a secret creates
+    its private default secret there, and the test's workers and clients (which inherit the
+    environment) find it there; no two tests share one, nor the developer's."""
+    path = tmp_path_factory.mktemp("config-home")  # beside tmp_path: tests may list that folder
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(path))
+    return str(path)
 
 
 @pytest.fixture(autouse=True)

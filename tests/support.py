@@ -5,7 +5,7 @@
   ``start_cluster``, waiting (``wait_until``, ``wait_for_workers``, ``wait_for_mark``) and
   ``run_in_thread`` for a joblib call that a test interferes with;
 - the wire, for tests that speak to a daemon over a raw socket: frame and message bytes,
-  hellos and challenges, ``raw_connect``, ``send_frame``, ``read_frame``,
+  hellos and challenges, ``pump_handshake`` (both handshake machines in memory), ``raw_connect``, ``send_frame``, ``read_frame``,
   ``authenticated_socket``, ``closed_by_peer``;
 - the scheduler's HTTP side (``http_get``, ``Status``), shared memory and loopback counters;
 - scikit-learn results compared with a serial run (``assert_same_search``);
@@ -42,11 +42,21 @@ from joblib import Parallel, delayed, parallel_config
 
 import jobsched
 from jobsched.payload.shm import SHM_DIR
-from jobsched.protocol import PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, InitiatorHandshake, Role, encode_frame
+from jobsched.protocol import (
+    PREAUTH_LIMITS,
+    Frame,
+    FrameDecoder,
+    FrameLimits,
+    HandshakeError,
+    InitiatorHandshake,
+    Role,
+    encode_frame,
+)
 from jobsched.protocol import handshake as hs
 from jobsched.protocol import messages as m
 from jobsched.protocol.address import parse_address
 from jobsched.protocol.messages import PROTOCOL_VERSION
+from jobsched.runtime.secret import load_credentials
 from jobsched.scheduler.state import (
     MAX_NAME,
     MessageReceived,
@@ -328,8 +338,8 @@ def start_cluster(daemons: DaemonPool, n_workers: int = 2, scheduler_args: tuple
 
 
 # ===================================================================== the wire
-HELLO = struct.Struct(f"!8sHBB{hs.NONCE_SIZE}s")  # magic, version, role, has_secret, nonce
-CHALLENGE = struct.Struct(f"!8sHBB{hs.NONCE_SIZE}s{hs.MAC_SIZE}s")  # magic, version, status, has_secret, nonce, MAC
+HELLO = struct.Struct(f"!8sHBB{hs.NONCE_SIZE}sB")  # magic, version, role, credential, nonce, user length; the user
+CHALLENGE = struct.Struct(f"!8sHBB{hs.NONCE_SIZE}s{hs.MAC_SIZE}s")  # magic, version, status, credential, nonce, MAC
 
 
 def frame_bytes(body: bytes, buffers=()) -> bytes:
@@ -342,15 +352,20 @@ def message_bytes(msg: m.Message) -> bytes:
     return b"".join(bytes(p) for p in m.encode(msg))
 
 
-def hello_body(version: int = PROTOCOL_VERSION, role: int = Role.CLIENT, has_secret: int = 1,
-               nonce: bytes | None = None) -> bytes:
+def hello_body(version: int = PROTOCOL_VERSION, role: int = Role.CLIENT, credential: int = hs.Credential.SECRET,
+               nonce: bytes | None = None, user: bytes = b"tester") -> bytes:
     """An initiator's hello, with any field chosen."""
-    return HELLO.pack(hs.MAGIC, version, role, has_secret, nonce or os.urandom(hs.NONCE_SIZE))
+    return HELLO.pack(hs.MAGIC, version, role, credential, nonce or os.urandom(hs.NONCE_SIZE), len(user)) + user
 
 
-def challenge_body(version: int = PROTOCOL_VERSION, status: int = 0, has_secret: int = 1) -> bytes:
+def is_hello(body: bytes) -> bool:
+    """Whether ``body`` has the shape of a hello (the fixed fields, then as many bytes of user name as they say)."""
+    return len(body) >= HELLO.size and body[:8] == hs.MAGIC and len(body) == HELLO.size + body[HELLO.size - 1]
+
+
+def challenge_body(version: int = PROTOCOL_VERSION, status: int = 0, credential: int = hs.Credential.SECRET) -> bytes:
     """An acceptor's challenge with a random nonce and MAC (a forgery: no secret behind it)."""
-    return CHALLENGE.pack(hs.MAGIC, version, status, has_secret, os.urandom(hs.NONCE_SIZE), os.urandom(hs.MAC_SIZE))
+    return CHALLENGE.pack(hs.MAGIC, version, status, credential, os.urandom(hs.NONCE_SIZE), os.urandom(hs.MAC_SIZE))
 
 
 def parse_challenge(body: bytes) -> tuple[int, int, bytes, bytes, str]:
@@ -358,6 +373,46 @@ def parse_challenge(body: bytes) -> tuple[int, int, bytes, bytes, str]:
     magic, version, status, _has_secret, nonce, mac = CHALLENGE.unpack_from(body)
     assert magic == hs.MAGIC
     return version, status, nonce, mac, body[CHALLENGE.size:].decode("utf-8", "replace")
+
+
+def pump_handshake(ini: InitiatorHandshake, acc: hs.AcceptorHandshake,
+                   transcript: list | None = None) -> tuple[HandshakeError | None, HandshakeError | None]:
+    """Run the two handshake machines against each other in memory, as ``protocol.aio`` does;
+    returns (initiator error, acceptor error), appending ("i->a" or "a->i", frame) to ``transcript``.
+
+    The acceptor sends its refusal frame and closes; the initiator, when it gives up,
+    sends its ``abort_frame`` (if any) and closes.
+    """
+    ini_err: HandshakeError | None = None
+    acc_err: HandshakeError | None = None
+    to_acc: bytes = ini.hello()
+    for _ in range(10):
+        if transcript is not None:
+            transcript.append(("i->a", to_acc))
+        try:
+            to_ini = acc.receive(to_acc)
+        except HandshakeError as exc:
+            assert acc.failure is exc
+            return ini_err, exc
+        acc_err = acc.failure
+        if transcript is not None:
+            transcript.append(("a->i", to_ini))
+        try:
+            reply = ini.receive(to_ini)
+        except HandshakeError as exc:
+            ini_err = exc
+            if ini.abort_frame and acc_err is None:
+                try:
+                    acc.receive(ini.abort_frame)
+                except HandshakeError as exc2:
+                    acc_err = exc2
+            return ini_err, acc_err
+        if acc_err is not None:
+            return ini_err, acc_err  # the acceptor closed after its refusal
+        if reply is None:
+            return None, None
+        to_acc = reply
+    raise AssertionError("handshake did not terminate")
 
 
 def raw_connect(address: str) -> socket.socket:
@@ -392,12 +447,15 @@ def read_message(sock: socket.socket, decoder: FrameDecoder, timeout: float = 10
             return message
 
 
-def authenticated_socket(address: str, secret: bytes | None = None,
-                         role: Role = Role.CLIENT) -> tuple[socket.socket, FrameDecoder]:
+def authenticated_socket(address: str, secret: bytes | None = None, role: Role = Role.CLIENT, *,
+                         token: str | None = None) -> tuple[socket.socket, FrameDecoder]:
     """A raw socket past the handshake (not registered yet), and its decoder, now with the
-    limits of an authenticated peer."""
+    limits of an authenticated peer.  Without a secret or token, the credentials a Client
+    would find (e.g. the default secret a scheduler started without one created)."""
+    if secret is None and token is None:
+        secret, token = load_credentials()
     sock = raw_connect(address)
-    initiator = InitiatorHandshake(role, secret, PROTOCOL_VERSION)
+    initiator = InitiatorHandshake(role, secret, PROTOCOL_VERSION, token=token)
     decoder = FrameDecoder(PREAUTH_LIMITS)
     send_frame(sock, initiator.hello())
     proof = initiator.receive(read_frame(sock, decoder).body)

@@ -16,7 +16,8 @@ from ..protocol.tls import client_context, server_context
 from ..runtime.config import parse_daemon_args
 from ..runtime.daemon import configure_logging, run_daemon
 from ..runtime.options import add_common_options, port, positive, tls_config
-from ..runtime.secret import load_secret
+from ..runtime.secret import ENV_TOKEN, ENV_TOKEN_FILE, SecretError, load_secret
+from ..runtime.tokens import looks_like_token
 from .daemon import WorkerDaemon, cli_status
 from .memory import parse_memory_limit
 from .supervisor import Supervisor, child_command
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jobsched-worker",
         description="Run jobsched worker processes: they join the scheduler and run the batches they are given.",
         epilog="Every option can also be set as JOBSCHED_<OPTION> (e.g. JOBSCHED_NTHREADS) or in a TOML config "
-        "file. The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE. "
+        "file. The shared secret comes from JOBSCHED_SECRET, --secret-file or JOBSCHED_SECRET_FILE, else "
+        "$XDG_CONFIG_HOME/jobsched/secret (default ~/.config/jobsched/secret); a user token never admits a worker. "
         "Exit status: 0 stopped, 1 scheduler unreachable for --death-timeout, 2 configuration error.",
     )
     p.add_argument("scheduler", nargs="?", default=None, metavar="ADDRESS",
@@ -94,6 +96,20 @@ def limit_thread_pools(slots: int) -> None:
         os.environ.setdefault(var, str(max(cores // max(slots, 1), 1)))
 
 
+def worker_secret(secret_file: str | None) -> bytes | None:
+    """The cluster secret, never a user token: a token only ever opens a client connection."""
+    for variable in (ENV_TOKEN, ENV_TOKEN_FILE):
+        if os.environ.get(variable):
+            logging.getLogger("jobsched.worker").warning(
+                "%s is set, but workers never authenticate with a user token: ignoring it", variable)
+    secret = load_secret(secret_file)
+    if secret is not None and looks_like_token(secret):
+        raise SecretError("the configured secret is a user token (NAME:SECRET): user tokens may only connect as "
+                          "clients; workers need the cluster secret (JOBSCHED_SECRET, --secret-file or "
+                          "JOBSCHED_SECRET_FILE)")
+    return secret
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_daemon_args(build_parser(), argv, "worker")
     configure_logging(args.log_level)
@@ -104,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         # with only a scheduler file, the address is read when connecting (it may not exist yet)
         address = parse_address(args.scheduler) if args.scheduler else None
         memory_limit = parse_memory_limit(args.memory_limit, int(args.nworkers))
-        secret = load_secret(args.secret_file)
+        secret = worker_secret(args.secret_file)
         tls = tls_config(args)
         ssl = client_context(tls)  # used for tls:// addresses only
         data_ssl = server_context(tls) if tls.cert else None  # peers fetch data over TLS too

@@ -39,6 +39,7 @@ from ..protocol import messages as m
 from ..protocol.address import Address, parse_address
 from ..protocol.aio import Connection, open_connection
 from ..runtime.scheduler_file import read_scheduler_file
+from ..runtime.tokens import looks_like_token
 from .data import DataService
 from .events import (
     CancelReceived,
@@ -133,6 +134,8 @@ class WorkerDaemon:
         (as ``protocol.aio.open_connection``) can be replaced in tests."""
         if address is None and scheduler_file is None:
             raise ValueError("a worker needs the scheduler's address or a scheduler file")
+        if secret and looks_like_token(secret):
+            raise ValueError("a worker authenticates with the cluster secret, never a user token (NAME:SECRET)")
         self.address = address
         self.scheduler_file = scheduler_file
         self.nthreads = nthreads

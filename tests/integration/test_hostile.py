@@ -42,6 +42,7 @@ from support import (
     authenticated_socket,
     frame_bytes,
     hello_body,
+    is_hello,
     message_bytes,
     read_message,
     squares,
@@ -87,8 +88,7 @@ def preauth_outcome(data: bytes) -> str:
         return "close"
     if not frames:
         return "wait"
-    body = frames[0].body
-    if len(body) != HELLO.size or body[:8] != hs.MAGIC:
+    if not is_hello(frames[0].body):
         return "close"
     return "answer"  # a well-formed hello: the scheduler answers it
 
@@ -600,7 +600,8 @@ class Barrage:
         for i in range(n(200)):
             # a hello-sized body with the magic and random fields (half of them with our version,
             # so that role, secret flag and the proof that follows are exercised too)
-            body = hs.MAGIC + rng.randbytes(HELLO.size - 8)
+            name = rng.randbytes(rng.choice([0, 1, 8, hs.MAX_USER_BYTES, 255]))
+            body = hs.MAGIC + rng.randbytes(HELLO.size - 9) + bytes([len(name)]) + name
             if i % 2:
                 body = body[:8] + struct.pack("!H", PROTOCOL_VERSION) + bytes([rng.choice([1, 2, 3, 0, 200])]) + body[11:]
             yield "hello with random fields", self.hello_then, body, frame_bytes(rng.randbytes(rng.randint(0, 80))), None
@@ -627,7 +628,8 @@ class Barrage:
         for role in list(self.target.wrong_roles) * n(6):
             yield "wrong role", self.hello_then, self.hello(role=role), None, hs.Status.ROLE, "role"
         for _ in range(n(30)):
-            yield "hello without secret", self.hello_then, self.hello(has_secret=0), None, hs.Status.AUTH, "JOBSCHED_SECRET"
+            yield ("hello without secret", self.hello_then, self.hello(credential=hs.Credential.NONE), None,
+                   hs.Status.AUTH, "JOBSCHED_SECRET")
         for _ in range(n(150)):
             yield "wrong secret", self.wrong_secret
         for _ in range(n(60)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from support import hello_body, pump_handshake
 
 from jobsched.protocol import (
     AcceptorHandshake,
@@ -21,44 +22,6 @@ V = 1
 BOTH = frozenset({Role.CLIENT, Role.WORKER})
 
 
-def pump(ini: InitiatorHandshake, acc: AcceptorHandshake, transcript: list | None = None):
-    """Run the exchange as ``protocol.aio`` does; returns (initiator error, acceptor error).
-
-    The acceptor sends its refusal frame and closes; the initiator, when it gives up,
-    sends its ``abort_frame`` (if any) and closes.
-    """
-    ini_err: HandshakeError | None = None
-    acc_err: HandshakeError | None = None
-    to_acc: bytes = ini.hello()
-    for _ in range(10):
-        if transcript is not None:
-            transcript.append(("i->a", to_acc))
-        try:
-            to_ini = acc.receive(to_acc)
-        except HandshakeError as exc:
-            assert acc.failure is exc
-            return ini_err, exc
-        acc_err = acc.failure
-        if transcript is not None:
-            transcript.append(("a->i", to_ini))
-        try:
-            reply = ini.receive(to_ini)
-        except HandshakeError as exc:
-            ini_err = exc
-            if ini.abort_frame and acc_err is None:
-                try:
-                    acc.receive(ini.abort_frame)
-                except HandshakeError as exc2:
-                    acc_err = exc2
-            return ini_err, acc_err
-        if acc_err is not None:
-            return ini_err, acc_err  # the acceptor closed after its refusal
-        if reply is None:
-            return None, None
-        to_acc = reply
-    raise AssertionError("handshake did not terminate")
-
-
 def pair(ini_secret=None, acc_secret=None, role=Role.CLIENT, ini_version=V, acc_version=V, accept=BOTH):
     return InitiatorHandshake(role, ini_secret, ini_version), AcceptorHandshake(acc_secret, acc_version, accept)
 
@@ -70,7 +33,7 @@ def pair(ini_secret=None, acc_secret=None, role=Role.CLIENT, ini_version=V, acc_
 def test_no_secret_on_either_side(role):
     ini, acc = pair(role=role)
     assert not ini.done and not acc.done
-    assert pump(ini, acc) == (None, None)
+    assert pump_handshake(ini, acc) == (None, None)
     assert ini.done and acc.done
     assert acc.peer_role is role
     assert acc.failure is None
@@ -79,20 +42,20 @@ def test_no_secret_on_either_side(role):
 @pytest.mark.parametrize("secret", [b"s3cret", b"x" * 200, bytes(range(256))])
 def test_same_secret_on_both_sides(secret):
     ini, acc = pair(secret, secret)
-    assert pump(ini, acc) == (None, None)
+    assert pump_handshake(ini, acc) == (None, None)
     assert ini.done and acc.done and acc.peer_role is Role.CLIENT
 
 
 def test_empty_secret_means_no_secret():
     ini, acc = pair(b"", b"")
-    assert pump(ini, acc) == (None, None)
+    assert pump_handshake(ini, acc) == (None, None)
     assert ini.secret is None and acc.secret is None
 
 
 def test_exchange_is_four_frames_small_enough_for_preauth_caps():
     transcript: list = []
     ini, acc = pair(b"k", b"k")
-    assert pump(ini, acc, transcript) == (None, None)
+    assert pump_handshake(ini, acc, transcript) == (None, None)
     assert [d for d, _ in transcript] == ["i->a", "a->i", "i->a", "a->i"]
     assert all(len(frame) <= 4096 for _, frame in transcript)
     assert transcript[0][1].startswith(hs.MAGIC)
@@ -108,7 +71,7 @@ def test_nonces_are_fresh_each_time():
 
 def test_different_secrets_fail_on_both_sides_with_clear_messages():
     ini, acc = pair(b"alpha", b"beta")
-    ini_err, acc_err = pump(ini, acc)
+    ini_err, acc_err = pump_handshake(ini, acc)
     assert isinstance(ini_err, AuthenticationError)
     assert isinstance(acc_err, AuthenticationError)
     assert "secrets differ" in str(ini_err)
@@ -118,7 +81,7 @@ def test_different_secrets_fail_on_both_sides_with_clear_messages():
 
 def test_secret_only_on_acceptor():
     ini, acc = pair(None, b"k")
-    ini_err, acc_err = pump(ini, acc)
+    ini_err, acc_err = pump_handshake(ini, acc)
     assert isinstance(ini_err, AuthenticationError)
     assert isinstance(acc_err, AuthenticationError)
     assert "shared secret is required" in str(ini_err)
@@ -128,7 +91,7 @@ def test_secret_only_on_acceptor():
 
 def test_secret_only_on_initiator():
     ini, acc = pair(b"k", None)
-    ini_err, acc_err = pump(ini, acc)
+    ini_err, acc_err = pump_handshake(ini, acc)
     assert isinstance(ini_err, AuthenticationError)
     assert "does not use one" in str(ini_err)
     assert isinstance(acc_err, AuthenticationError)
@@ -149,7 +112,7 @@ def test_initiator_refuses_an_acceptor_that_cannot_prove_the_secret():
 def test_replayed_proof_fails_against_a_fresh_acceptor():
     transcript: list = []
     ini, acc = pair(b"k", b"k")
-    assert pump(ini, acc, transcript) == (None, None)
+    assert pump_handshake(ini, acc, transcript) == (None, None)
     hello, proof = transcript[0][1], transcript[2][1]
 
     fresh = AcceptorHandshake(b"k", V, BOTH)
@@ -166,7 +129,7 @@ def test_replayed_proof_fails_against_a_fresh_acceptor():
 def test_reflecting_the_acceptors_own_mac_back_as_proof_fails():
     acc = AcceptorHandshake(b"k", V, BOTH)
     attacker_nonce = b"\x01" * hs.NONCE_SIZE
-    challenge = acc.receive(hs._HELLO.pack(hs.MAGIC, V, Role.CLIENT, True, attacker_nonce))
+    challenge = acc.receive(hello_body(V, Role.CLIENT, hs.Credential.SECRET, attacker_nonce))
     _, _, status, has_secret, _nonce_a, mac_a = hs._CHALLENGE.unpack_from(challenge)
     assert status == hs.Status.OK and has_secret
     verdict = acc.receive(hs._PROOF.pack(hs.Status.OK, mac_a))
@@ -177,14 +140,14 @@ def test_reflecting_the_acceptors_own_mac_back_as_proof_fails():
 
 def test_zero_mac_does_not_pass_when_a_secret_is_set():
     acc = AcceptorHandshake(b"k", V, BOTH)
-    acc.receive(hs._HELLO.pack(hs.MAGIC, V, Role.CLIENT, True, b"\x02" * hs.NONCE_SIZE))
+    acc.receive(hello_body(V, Role.CLIENT, hs.Credential.SECRET, b"\x02" * hs.NONCE_SIZE))
     assert acc.receive(hs._PROOF.pack(hs.Status.OK, bytes(hs.MAC_SIZE)))[0] == hs.Status.AUTH
     assert not acc.done
 
 
 def test_initiator_lying_about_having_a_secret_still_needs_the_mac():
     acc = AcceptorHandshake(b"k", V, BOTH)
-    acc.receive(hs._HELLO.pack(hs.MAGIC, V, Role.WORKER, True, b"\x03" * hs.NONCE_SIZE))
+    acc.receive(hello_body(V, Role.WORKER, hs.Credential.SECRET, b"\x03" * hs.NONCE_SIZE))
     verdict = acc.receive(hs._PROOF.pack(hs.Status.OK, b"\x00" * hs.MAC_SIZE) + b"trailing")
     assert verdict[0] == hs.Status.AUTH
     assert isinstance(acc.failure, AuthenticationError)
@@ -197,12 +160,17 @@ def test_truncated_proof_is_refused():
     assert isinstance(acc.failure, AuthenticationError)
 
 
-def test_mac_depends_on_role_and_version():
-    args = (b"k", b"initiator", V, Role.CLIENT, b"a" * 32, b"b" * 32)
-    base = hs._mac(*args)
-    assert hs._mac(b"k", b"initiator", V, Role.WORKER, b"a" * 32, b"b" * 32) != base
-    assert hs._mac(b"k", b"initiator", V + 1, Role.CLIENT, b"a" * 32, b"b" * 32) != base
-    assert hs._mac(b"k", b"acceptor", V, Role.CLIENT, b"a" * 32, b"b" * 32) != base
+def test_mac_depends_on_role_version_credential_and_user():
+    def mac(label=b"initiator", version=V, role=Role.CLIENT, credential=hs.Credential.SECRET, user=b"ann"):
+        return hs._mac(b"k", label, version, role, credential, user, b"a" * 32, b"b" * 32)
+
+    base = mac()
+    assert mac(role=Role.WORKER) != base
+    assert mac(version=V + 1) != base
+    assert mac(label=b"acceptor") != base
+    assert mac(credential=hs.Credential.TOKEN) != base
+    assert mac(user=b"bob") != base
+    assert mac(user=b"an") != base and mac(user=b"ann|") != base  # the name is length-prefixed
 
 
 # ------------------------------------------------------------ version, role
@@ -210,7 +178,7 @@ def test_mac_depends_on_role_and_version():
 
 def test_version_mismatch_on_both_sides():
     ini, acc = pair(ini_version=2, acc_version=1)
-    ini_err, acc_err = pump(ini, acc)
+    ini_err, acc_err = pump_handshake(ini, acc)
     assert isinstance(ini_err, VersionMismatch)
     assert isinstance(acc_err, VersionMismatch)
     assert "1" in str(ini_err) and "2" in str(ini_err)
@@ -219,7 +187,7 @@ def test_version_mismatch_on_both_sides():
 
 def test_version_mismatch_is_reported_before_authentication():
     ini, acc = pair(b"a", b"b", ini_version=3, acc_version=1)
-    ini_err, acc_err = pump(ini, acc)
+    ini_err, acc_err = pump_handshake(ini, acc)
     assert isinstance(ini_err, VersionMismatch) and isinstance(acc_err, VersionMismatch)
 
 
@@ -233,7 +201,7 @@ def test_acceptor_answering_ok_with_another_version_is_refused():
 
 def test_role_not_accepted():
     ini, acc = pair(role=Role.PEER, accept=BOTH)
-    ini_err, acc_err = pump(ini, acc)
+    ini_err, acc_err = pump_handshake(ini, acc)
     assert type(ini_err) is HandshakeError
     assert type(acc_err) is HandshakeError
     assert "role peer is not accepted" in str(ini_err)
@@ -242,7 +210,7 @@ def test_role_not_accepted():
 
 def test_unknown_role_number():
     acc = AcceptorHandshake(None, V, BOTH)
-    reply = acc.receive(hs._HELLO.pack(hs.MAGIC, V, 99, False, b"\x00" * hs.NONCE_SIZE))
+    reply = acc.receive(hello_body(V, 99, hs.Credential.NONE))
     assert reply[10] == hs.Status.ROLE
     assert "unknown peer role 99" in str(acc.failure)
     with pytest.raises(HandshakeError):
@@ -259,7 +227,9 @@ def test_unknown_role_number():
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,  # a TLS ClientHello
         hs.MAGIC,  # right magic, too short
-        hs._HELLO.pack(hs.MAGIC, V, Role.CLIENT, False, b"\x00" * hs.NONCE_SIZE) + b"x",  # too long
+        hello_body(V, Role.CLIENT, hs.Credential.NONE) + b"x",  # longer than its user name says
+        hello_body(V, Role.CLIENT, hs.Credential.NONE)[:-1],  # shorter
+        hello_body(V, Role.CLIENT, hs.Credential.NONE)[: hs._HELLO.size - 1],  # no user name length
         b"NOTJOBS\x00" + b"\x00" * (hs._HELLO.size - 8),  # right length, wrong magic
     ],
 )
@@ -292,7 +262,7 @@ def test_initiator_refuses_a_truncated_verdict():
 
 def test_frames_after_completion_are_protocol_errors():
     ini, acc = pair(b"k", b"k")
-    assert pump(ini, acc) == (None, None)
+    assert pump_handshake(ini, acc) == (None, None)
     with pytest.raises(HandshakeError):
         acc.receive(b"\x00")
     with pytest.raises(HandshakeError):
@@ -317,12 +287,14 @@ def test_error_hierarchy():
 def test_peer_name_appears_in_initiator_errors():
     ini = InitiatorHandshake(Role.PEER, b"a", V, peer_name="worker w7")
     acc = AcceptorHandshake(b"b", V, frozenset({Role.PEER}))
-    ini_err, _ = pump(ini, acc)
+    ini_err, _ = pump_handshake(ini, acc)
     assert "worker w7" in str(ini_err)
 
 
 def test_hello_layout():
-    ini = InitiatorHandshake(Role.WORKER, b"k", 7)
-    magic, version, role, has_secret, nonce = hs._HELLO.unpack(ini.hello())
-    assert (magic, version, role, has_secret, len(nonce)) == (hs.MAGIC, 7, Role.WORKER, 1, hs.NONCE_SIZE)
-    assert struct.calcsize("!8sHBB32s") == hs._HELLO.size
+    ini = InitiatorHandshake(Role.WORKER, b"k", 7, user="zoë")
+    hello = ini.hello()
+    magic, version, role, credential, nonce, length = hs._HELLO.unpack_from(hello)
+    assert (magic, version, role, credential, len(nonce)) == (hs.MAGIC, 7, Role.WORKER, hs.Credential.SECRET, hs.NONCE_SIZE)
+    assert hello[hs._HELLO.size:] == "zoë".encode() and length == len("zoë".encode())
+    assert struct.calcsize("!8sHBB32sB") == hs._HELLO.size
