@@ -1,7 +1,7 @@
 """Plain helpers shared by the tests: every one is defined here once (the fixtures are in the
 ``conftest.py`` files).
 
-- daemons as subprocesses: ``daemon_env``, ``Daemon``, ``DaemonPool``, ``RunningCluster``,
+- daemons as subprocesses: ``daemon_env``, ``Daemon``, ``DaemonPool``, ``RunningCluster``, ``run_cli``,
   ``start_cluster``, waiting (``wait_until``, ``wait_for_workers``, ``wait_for_mark``) and
   ``run_in_thread`` for a joblib call that a test interferes with;
 - the wire, for tests that speak to a daemon over a raw socket: frame and message bytes,
@@ -154,6 +154,28 @@ class Daemon:
 
     def wait_exit(self, timeout: float) -> int:
         return self.proc.wait(timeout)
+
+
+def run_cli(module: str, *args: str, env: dict[str, str], timeout: float = 30.0, **popen) -> tuple[int, str, str]:
+    """Run ``python -m module args`` in its own process group; returns (status, stdout, stderr).
+
+    A run that does not end within ``timeout`` is a hang: its group is killed and the test fails.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **popen,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{module} {' '.join(args)} did not exit within {timeout} s:\n{out}\n{err}") from None
+    finally:
+        if proc.poll() is None:  # pragma: no cover - only on an unexpected exception
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode, out, err
 
 
 def exit_status(daemon: Daemon, timeout: float, what: str) -> int:
@@ -466,9 +488,10 @@ def authenticated_socket(address: str, secret: bytes | None = None, role: Role =
     return sock, decoder
 
 
-def registered_client_socket(address: str, secret: bytes | None = None) -> tuple[socket.socket, FrameDecoder]:
+def registered_client_socket(address: str, secret: bytes | None = None, *,
+                             token: str | None = None) -> tuple[socket.socket, FrameDecoder]:
     """A raw socket past the handshake and registered as a client."""
-    sock, decoder = authenticated_socket(address, secret)
+    sock, decoder = authenticated_socket(address, secret, token=token)
     sock.sendall(message_bytes(m.RegisterClient("raw-client", os.getpid(), "test")))
     welcome = read_message(sock, decoder)
     assert type(welcome) is m.Welcome

@@ -45,6 +45,7 @@ from support import (
     read_frame,
     read_message,
     registered_client_socket,
+    run_cli,
     send_frame,
     squares,
     wait_for_workers,
@@ -61,28 +62,6 @@ SECRET = "security-test-" + secrets.token_hex(16)
 
 
 # ----------------------------------------------------------------- helpers
-def run_cli(module: str, *args: str, env: dict[str, str], timeout: float = 30.0, **popen) -> tuple[int, str, str]:
-    """Run ``python -m module args`` in its own process group; returns (status, stdout, stderr).
-
-    A run that does not end within ``timeout`` is a hang: its group is killed and the test fails.
-    """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **popen,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{module} {' '.join(args)} did not exit within {timeout} s:\n{out}\n{err}") from None
-    finally:
-        if proc.poll() is None:  # pragma: no cover - only on an unexpected exception
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return proc.returncode, out, err
-
-
 def listening_on(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
