@@ -7,6 +7,7 @@ Every daemon is a subprocess in its own process group on 127.0.0.1, ended by the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from support import (
     closed_by_peer,
@@ -40,9 +42,22 @@ from support import (
 import jobsched
 from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, InitiatorHandshake, Role
 from jobsched.protocol import messages as m
+from jobsched.protocol.aio import open_connection
+from jobsched.protocol.handshake import os_user
 from jobsched.protocol.messages import PROTOCOL_VERSION
 from jobsched.runtime.tokens import token_user
-from jobsched.scheduler.records import CLIENT, Close, MessageReceived, PeerConnected, UsersChanged
+from jobsched.runtime.users import add_user as add_user_to_file
+from jobsched.runtime.users import remove_user as remove_user_from_file
+from jobsched.scheduler.records import (
+    CLIENT,
+    WORKER,
+    Close,
+    MessageReceived,
+    PeerConnected,
+    UserPolicy,
+    UsersChanged,
+)
+from jobsched.scheduler.server import SchedulerServer
 from jobsched.scheduler.state import SchedulerConfig, SchedulerState
 
 SECRET = "users-test-" + os.urandom(16).hex()
@@ -244,6 +259,46 @@ def test_removed_and_rotated_users_are_refused_after_sighup(lab):
         sock.close()
 
 
+def test_the_server_reports_who_connected_and_every_change_of_the_users(tmp_path, monkeypatch):
+    """In process: the events SchedulerServer gives its state, for a token client, the admin,
+    a worker, and a reload that removes one user and rotates another's token."""
+    path = str(tmp_path / "users.toml")
+    ann, _ = add_user_to_file(path, "ann", weight=2.0, max_slots=3), add_user_to_file(path, "bob")
+    events: list = []
+    handle = SchedulerState.handle
+
+    def recording(state: SchedulerState, event):
+        events.append(event)
+        return handle(state, event)
+
+    monkeypatch.setattr(SchedulerState, "handle", recording)
+
+    async def scenario() -> None:
+        server = SchedulerServer("127.0.0.1", 0, SECRET.encode(), users_file=path)
+        address = await server.start()
+        port = int(address.rsplit(":", 1)[1])
+        conns = [await open_connection("127.0.0.1", port, Role.CLIENT, None, token=ann),
+                 await open_connection("127.0.0.1", port, Role.CLIENT, SECRET.encode(), user="lab-admin"),
+                 await open_connection("127.0.0.1", port, Role.WORKER, SECRET.encode())]
+        remove_user_from_file(path, "bob")
+        add_user_to_file(path, "ann")  # rotated
+        add_user_to_file(path, "cy")
+        assert server.reload_users()
+        await asyncio.sleep(0.2)
+        for conn in conns:
+            conn.close("done")
+        await server.stop()
+
+    asyncio.run(scenario())
+    connected = [(e.role, e.user, e.admin) for e in events if isinstance(e, PeerConnected)]
+    assert connected == [(CLIENT, "ann", False), (CLIENT, "lab-admin", True), (WORKER, os_user(), True)]
+    changes = [e for e in events if isinstance(e, UsersChanged)]
+    assert changes == [
+        UsersChanged({"ann": UserPolicy(2.0, 3), "bob": UserPolicy()}, frozenset()),  # at start
+        UsersChanged({"ann": UserPolicy(2.0, 3), "cy": UserPolicy()}, frozenset({"ann", "bob"})),  # the reload
+    ]
+
+
 # ---------------------------------------------------------------- workers
 def test_a_worker_given_a_user_token_does_not_join(lab, daemons, tmp_path):
     sched, _, tokens = lab
@@ -261,18 +316,24 @@ def test_a_worker_given_a_user_token_does_not_join(lab, daemons, tmp_path):
     log = worker.log()
     assert "JOBSCHED_TOKEN is set, but workers never authenticate with a user token" in log
     assert "a shared secret is required" in log and "Traceback" not in log
-    # a raw worker hello with a token: refused in the handshake, whatever a program does
-    sock = raw_connect(sched.address)
-    try:
-        initiator = InitiatorHandshake(Role.WORKER, None, PROTOCOL_VERSION, token=tokens["ann"])
-        send_frame(sock, initiator.hello())
-        with pytest.raises(jobsched.AuthenticationError, match="user tokens may only connect as clients"):
-            initiator.receive(read_frame(sock, FrameDecoder(PREAUTH_LIMITS)).body)
-        assert closed_by_peer(sock, 5)
-    finally:
-        sock.close()
     with jobsched.Client(sched.address, secret=SECRET, timeout=10, set_as_current=False) as admin:
-        assert {w["name"] for w in admin.scheduler_info()["workers"].values()} == {"lab-w0"}
+        workers = list(admin.scheduler_info()["workers"].values())
+    assert [w["name"] for w in workers] == ["lab-w0"]
+    data_ports = [c.laddr.port for c in psutil.Process(workers[0]["pid"]).net_connections(kind="tcp")
+                  if c.status == psutil.CONN_LISTEN]
+    # a raw worker hello with a token, at the scheduler, and a peer's at the worker's data port:
+    # refused in the handshake, whatever a program does
+    for address, role in [(sched.address, Role.WORKER), *((f"tcp://127.0.0.1:{p}", Role.PEER) for p in data_ports)]:
+        sock = raw_connect(address)
+        try:
+            initiator = InitiatorHandshake(role, None, PROTOCOL_VERSION, token=tokens["ann"])
+            send_frame(sock, initiator.hello())
+            with pytest.raises(jobsched.AuthenticationError, match="user tokens may only connect as clients"):
+                initiator.receive(read_frame(sock, FrameDecoder(PREAUTH_LIMITS)).body)
+            assert closed_by_peer(sock, 5)
+        finally:
+            sock.close()
+    assert data_ports, "the worker has no data port to try"
 
 
 # ------------------------------------------------------- private by default
