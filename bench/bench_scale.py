@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent))  # run from a checkout without install
 
 from jobsched.protocol import messages as m  # noqa: E402
+from jobsched.scheduler import records  # noqa: E402
 from jobsched.scheduler.server import tune_gc  # noqa: E402
 from jobsched.scheduler.state import MessageReceived, PeerConnected, SchedulerState, Send, Ticked  # noqa: E402
 
@@ -36,12 +37,12 @@ CLIENT = 0
 def build(workers: int, queued: int) -> SchedulerState:
     state = SchedulerState()
     state.handle(Ticked(1.0))
-    state.handle(PeerConnected(CLIENT, "tcp://127.0.0.1:1"))
+    state.handle(PeerConnected(CLIENT, "tcp://127.0.0.1:1", records.CLIENT, "ann", True))
     state.handle(MessageReceived(CLIENT, m.RegisterClient("bench", 1, "h")))
     for batch in range(queued):
         state.handle(MessageReceived(CLIENT, m.SubmitBatch(batch, 1, "f", 0, PAYLOAD)))
     for w in range(1, workers + 1):
-        state.handle(PeerConnected(w, f"tcp://127.0.0.1:{10000 + w}"))
+        state.handle(PeerConnected(w, f"tcp://127.0.0.1:{10000 + w}", records.WORKER, "root", True))
         state.handle(MessageReceived(w, m.RegisterWorker(f"w{w}", SLOTS, w, "h", 0, "")))
     return state
 
@@ -50,7 +51,7 @@ def memory_per_batch(queued: int) -> float:
     gc.collect()
     tracemalloc.start()
     state = SchedulerState()
-    state.handle(PeerConnected(CLIENT, "tcp://127.0.0.1:1"))
+    state.handle(PeerConnected(CLIENT, "tcp://127.0.0.1:1", records.CLIENT, "ann", True))
     state.handle(MessageReceived(CLIENT, m.RegisterClient("bench", 1, "h")))
     before = tracemalloc.get_traced_memory()[0]
     for batch in range(queued):

@@ -27,9 +27,9 @@ class PeerConnected:
 
     conn: ConnId
     address: str
-    role: str = ""  # interim defaults while the roles land; to be required
-    user: str = ""
-    admin: bool = True
+    role: str
+    user: str
+    admin: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +100,7 @@ class TaskRecord:
     deaths: int = 0
     cancelled: bool = False
     ref: str = ""  # "<client session>/<batch id>": names the batch across scheduler restarts
+    user: str = ""  # whose: their share is charged while it runs
     adopted: bool = False  # running on its worker since before this scheduler knew it (see Recovered)
 
 
@@ -107,6 +108,8 @@ class TaskRecord:
 class CallRecord:
     key: CallKey
     max_running: int  # 0: no cap
+    user: str = ""
+    priority: int = 0  # higher first among one user's calls
     queue: deque[int] = field(default_factory=deque)  # task ids waiting
     running: dict[int, None] = field(default_factory=dict)  # task_id -> None, an ordered set
     mean_duration: float = -1.0  # moving average of its batches' run time; -1: none finished yet
@@ -160,4 +163,6 @@ class ClientRecord:
     last_seen: float = 0.0
     beats: bool = False  # it sends heartbeats, so its silence means it is gone
     resumed: bool = False  # came back with batches from an earlier connection
+    user: str = ""  # who the handshake proved it is
+    admin: bool = False  # it proved the cluster secret: sees and may cancel everyone's work
     calls: dict[int, CallRecord] = field(default_factory=dict)  # call_id -> CallRecord

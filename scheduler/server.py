@@ -20,6 +20,7 @@ from ..runtime.users import Users, UsersFileError, read_users, revoked
 from .records import (
     CLIENT,
     WORKER,
+    ClientRecord,
     Close,
     Event,
     MessageReceived,
@@ -179,7 +180,7 @@ class SchedulerServer:
         assert state is not None
         if type(message) is m.InfoRequest and (conn_id in state.clients or conn_id in state.workers):
             # the same view as /api/status, with what only the server knows (bytes, dashboard, history)
-            conn.send(m.InfoReply(message.request_id, self.snapshot()))
+            conn.send(m.InfoReply(message.request_id, self.snapshot(state.clients.get(conn_id))))
             return
         self._dispatch(MessageReceived(conn_id, message))
 
@@ -227,10 +228,11 @@ class SchedulerServer:
         sent = self.bytes_closed[1] + sum(c.bytes_sent for c in self.connections.values())
         return received, sent
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything the status endpoints show; call on the loop thread."""
+    def snapshot(self, viewer: ClientRecord | None = None) -> dict[str, Any]:
+        """Everything the status endpoints show (to ``viewer``, a user's client; None: the admin's
+        view, as workers and the HTTP endpoints get); call on the loop thread."""
         assert self.state is not None
-        info = self.state.info()
+        info = self.state.info(viewer)
         received, sent = self.bytes_moved()
         info["bytes_received"], info["bytes_sent"] = received, sent
         offset = time.time() - time.monotonic()  # the state's ticks are monotonic: show wall clock

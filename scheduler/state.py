@@ -22,8 +22,9 @@ from typing import Any
 from ..protocol import messages as m
 from .data import DataDirectory, Sender
 from .records import (
+    CLIENT,
     SHORT_BATCH,
-    CallKey,
+    WORKER,
     CallRecord,
     ClientRecord,
     Close,
@@ -37,12 +38,14 @@ from .records import (
     Send,
     TaskRecord,
     Ticked,
+    UserPolicy,
     UsersChanged,
     WorkerRecord,
 )
+from .share import FairShare
 
 __all__ = [  # the events and commands, for the state's users
-    "MAX_NAME", "SHORT_BATCH", "Close", "Command", "Event", "MessageReceived", "PeerConnected", "PeerDisconnected",
+    "MAX_NAME", "SHORT_BATCH", "call_id", "Close", "Command", "Event", "MessageReceived", "PeerConnected", "PeerDisconnected",
     "SchedulerConfig", "SchedulerState", "Send", "Ticked",
 ]
 
@@ -68,9 +71,15 @@ class SchedulerConfig:
     # short: it starts the next at once instead of waiting a round trip.  Long batches never
     # wait behind another one, so the load stays balanced at the end of a call.
     prefetch: bool = False
+    usage_half_life: float = 3600.0  # seconds for a user's past usage to count half: see share.py
 
 
 DEFAULT_CONFIG = SchedulerConfig()
+
+
+def call_id(call: CallRecord) -> str:
+    """A call's name for people (``jobsched status``, ``jobsched cancel``): unique in this scheduler's life."""
+    return f"{call.key[0]}-{call.key[1]}"
 
 
 class SchedulerState:
@@ -81,7 +90,8 @@ class SchedulerState:
         self.workers: dict[ConnId, WorkerRecord] = {}
         self.clients: dict[ConnId, ClientRecord] = {}
         self.tasks: dict[int, TaskRecord] = {}
-        self.ready_calls: dict[CallKey, CallRecord] = {}  # ordered: round robin
+        self.peers: dict[ConnId, PeerConnected] = {}  # who each connection proved to be, until it registers
+        self.share = FairShare(config.usage_half_life)  # the calls with work ready, by user
         self.free_workers: dict[ConnId, WorkerRecord] = {}  # ordered: round robin
         self.prefetch_workers: dict[ConnId, WorkerRecord] = {}  # all slots busy, may hold more
         self.data = DataDirectory()
@@ -99,8 +109,9 @@ class SchedulerState:
         self.event_seq = 0  # events ever logged, so the server can print each once
         self.no_workers_since = 0.0  # when the last worker left
 
-    def _log_event(self, kind: str, text: str) -> None:
-        self.events.append({"time": self.now, "kind": kind, "text": text})
+    def _log_event(self, kind: str, text: str, user: str = "") -> None:
+        """``user``: whose work the event is about, if anyone's: only they and the admin see it."""
+        self.events.append({"time": self.now, "kind": kind, "text": text, "user": user})
         self.event_seq += 1
 
     # ---------------------------------------------------------------- entry
@@ -113,10 +124,11 @@ class SchedulerState:
                 self._on_tick(now, out)
             case PeerConnected(conn, address):
                 self.addresses[conn] = address
+                self.peers[conn] = event
             case PeerDisconnected(conn, reason):
                 self._on_disconnect(conn, out, reason)
-            case UsersChanged():
-                pass  # interim, until the share policy (part 1 of issue 17) keeps the users and closes revoked ones
+            case UsersChanged(users, revoked):
+                self._on_users_changed(users, revoked, out)
             case _:
                 raise TypeError(f"unknown event {event!r}")
         self._schedule(out)
@@ -133,15 +145,23 @@ class SchedulerState:
             client.last_seen = self.now
             self._on_client_message(client, msg, out)
             return
+        peer = self.peers.pop(conn, None)  # a connection registers once, as what its handshake proved
         match msg:
-            case m.RegisterWorker():
+            case m.RegisterWorker() if peer is not None and peer.role == WORKER:
                 self._register_worker(conn, msg, out)
-            case m.RegisterClient():
+            case m.RegisterClient() if peer is not None and peer.role == CLIENT:
                 client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME], msg.session[:MAX_NAME],
-                                      self.now, resumed=msg.resumed)
+                                      self.now, resumed=msg.resumed, user=peer.user, admin=peer.admin)
                 self.clients[conn] = client
-                self._log_event("client-connected", f"{client.name} (pid {client.pid} on {client.host})")
+                self.share.user(client.user)  # known from now on, with no usage yet
+                self._log_event("client-connected", f"{client.name} of {client.user} (pid {client.pid} on {client.host})",
+                                client.user)
                 out.append(Send(conn, m.Welcome(f"client-{conn}", self.config.heartbeat_interval)))
+            case m.RegisterWorker() | m.RegisterClient():
+                proved = peer.role if peer is not None else "unauthenticated"
+                kind = "worker" if isinstance(msg, m.RegisterWorker) else "client"
+                out.append(Close(conn, f"a {proved} connection may not register a {kind}"))
+                self.addresses.pop(conn, None)
             case _:
                 out.append(Close(conn, f"expected a registration, got {msg.op!r}"))
                 self.addresses.pop(conn, None)
@@ -176,6 +196,8 @@ class SchedulerState:
                 self._on_submit(client, msg, out)
             case m.CancelCall():
                 self._cancel_call(client, msg.call_id, out)
+            case m.CancelRequest():
+                self._on_cancel_request(client, msg, out)
             case m.DataRegister():
                 self._on_data_register(client, msg, out)
             case m.DataUpload():
@@ -242,6 +264,7 @@ class SchedulerState:
         self._release_slot(worker, task)
         self._drop_task(task)
         worker.completed += 1
+        self.share.finished(task.user, duration, self.now)
         if task.cancelled:
             return
         call = self._call_of(task)
@@ -257,7 +280,7 @@ class SchedulerState:
             return
         self.counters[f"done:{status}"] += 1
         if status == m.ERROR:
-            self._log_event("batch-error", f"a task of {task.func_name} raised on {worker_name}")
+            self._log_event("batch-error", f"a task of {task.func_name} raised on {worker_name}", task.user)
         out.append(Send(task.call[0], m.BatchDone(task.batch_id, status, worker_name, "", frames)))
 
     def _drop_task(self, task: TaskRecord) -> None:
@@ -281,8 +304,7 @@ class SchedulerState:
         call.queue.remove(task.task_id)  # rare: only after a restart
         self._start(task, call, worker)
         task.adopted = True
-        if not call.ready:
-            self.ready_calls.pop(call.key, None)
+        self.share.mark(call)
 
     def _on_recovered(self, worker: WorkerRecord, msg: m.Recovered, out: list[Command]) -> None:
         ref = msg.ref
@@ -311,10 +333,7 @@ class SchedulerState:
             del call.running[task.task_id]
             task.cancelled = True
             out.append(Send(task.worker, m.Cancel(task.task_id, task.attempt)))
-        if call.ready:
-            self.ready_calls.setdefault(call.key, call)
-        elif not call.queue:
-            self.ready_calls.pop(call.key, None)
+        self.share.mark(call)
         self._report(task, worker.name, msg.status, msg.frames, out)
 
     def _claim(self, task: TaskRecord, call: CallRecord, out: list[Command]) -> bool:
@@ -351,8 +370,8 @@ class SchedulerState:
         for call in self.held_calls:
             call.held = False
             client = self.clients.get(call.key[0])
-            if client is not None and client.calls.get(call.key[1]) is call and call.ready:  # not cancelled since
-                self.ready_calls.setdefault(call.key, call)
+            if client is not None and client.calls.get(call.key[1]) is call:  # not cancelled since
+                self.share.mark(call)
         self.held_calls.clear()
 
     def _task_of_ref(self, ref: str) -> TaskRecord | None:
@@ -363,14 +382,15 @@ class SchedulerState:
         del worker.running[task.task_id]
         task.worker = None
         self._place(worker)
+        self.share.released(task.user)
         call = None if task.cancelled else self._call_of(task)  # a cancelled call's id may be reused
         if call is not None:
             del call.running[task.task_id]
-            if call.ready:
-                self.ready_calls.setdefault(call.key, call)
+            self.share.mark(call)
 
     def _on_disconnect(self, conn: ConnId, out: list[Command], reason: str = "") -> None:
         self.addresses.pop(conn, None)
+        self.peers.pop(conn, None)
         worker = self.workers.pop(conn, None)
         if worker is not None:
             if not self.workers:
@@ -390,7 +410,8 @@ class SchedulerState:
         client = self.clients.pop(conn, None)
         if client is not None:
             queued = sum(len(c.queue) + len(c.running) for c in client.calls.values())
-            self._log_event("client-left", f"{client.name}: {reason or 'disconnected'}; dropped {queued} batches")
+            self._log_event("client-left", f"{client.name} of {client.user}: {reason or 'disconnected'}; "
+                            f"dropped {queued} batches", client.user)
             for call_id in list(client.calls):
                 self._cancel_call(client, call_id, out)
             self.data.client_left(conn, self._sender(out))
@@ -402,6 +423,7 @@ class SchedulerState:
             task = self.tasks[task_id]
             del worker.running[task_id]
             task.worker = None
+            self.share.released(task.user)
             if task.cancelled:
                 self._drop_task(task)
                 continue
@@ -420,25 +442,25 @@ class SchedulerState:
                 )
                 out.append(Send(task.call[0], m.BatchDone(task.batch_id, m.LOST, worker.name, reason)))
                 self.counters["done:lost"] += 1
-                self._log_event("batch-lost", reason)
+                self._log_event("batch-lost", reason, task.user)
             else:
                 self.counters["requeued"] += 1
                 task.queued_at = self.now
                 call.queue.appendleft(task_id)
-            if call.ready:
-                self.ready_calls.setdefault(call.key, call)
+            self.share.mark(call)
 
     # -------------------------------------------------------------- clients
     def _on_submit(self, client: ClientRecord, msg: m.SubmitBatch, out: list[Command]) -> None:
         call = client.calls.get(msg.call_id)
         if call is None:
-            call = client.calls[msg.call_id] = CallRecord((client.conn, msg.call_id), max(msg.max_running, 0))
+            call = client.calls[msg.call_id] = CallRecord((client.conn, msg.call_id), max(msg.max_running, 0),
+                                                          client.user, msg.priority)
             if client.resumed and self._in_recovery_grace():
                 call.held = True
                 self.held_calls.append(call)
         ref = f"{client.session}/{msg.batch_id}" if client.session else ""
         task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name, msg.frames, self.now, msg.keys,
-                          ref=ref)
+                          ref=ref, user=client.user)
         self.counters["submitted"] += 1
         self._next_task_id += 1
         self.tasks[task.task_id] = task
@@ -448,7 +470,7 @@ class SchedulerState:
             self.by_ref[ref] = task.task_id
         call.queue.append(task.task_id)
         if call.ready:
-            self.ready_calls.setdefault(call.key, call)
+            self.share.mark(call)
 
     def _on_data_register(self, client: ClientRecord, msg: m.DataRegister, out: list[Command]) -> None:
         error = self.data.register(client.conn, msg.key, msg.nbytes)
@@ -465,14 +487,15 @@ class SchedulerState:
     def _sender(out: list[Command]) -> Sender:
         return lambda conn, message: out.append(Send(conn, message))
 
-    def _cancel_call(self, client: ClientRecord, call_id: int, out: list[Command]) -> None:
+    def _cancel_call(self, client: ClientRecord, call_id: int, out: list[Command], reason: str = "") -> None:
+        """Drop the call's queued batches and cancel its running ones.  ``reason``: someone
+        other than the call's own joblib call cancelled it, so its client hears why."""
         call = client.calls.pop(call_id, None)
         if call is None:
             return
-        self.ready_calls.pop(call.key, None)
+        self.share.drop(call)
         for task_id in call.queue:
             self._drop_task(self.tasks[task_id])
-        call.queue.clear()
         # running batches keep their slot until the worker reports back: the CPU is still busy
         for task_id in call.running:
             task = self.tasks[task_id]
@@ -480,6 +503,39 @@ class SchedulerState:
             assert task.worker is not None  # running
             if not task.adopted:  # an adopted one runs under an id its worker never heard of
                 out.append(Send(task.worker, m.Cancel(task.task_id, task.attempt)))
+        if reason:
+            for task_id in (*call.queue, *call.running):
+                out.append(Send(client.conn, m.BatchDone(self.tasks[task_id].batch_id, m.CANCELLED, "", reason)))
+                self.counters["done:cancelled"] += 1
+        call.queue.clear()
+
+    def _on_cancel_request(self, asker: ClientRecord, msg: m.CancelRequest, out: list[Command]) -> None:
+        """The admin may cancel anyone's calls; a user their own, from any of their clients."""
+        calls = [(client, call) for client in self.clients.values() for call in client.calls.values()
+                 if (not msg.call or call_id(call) == msg.call) and (not msg.user or call.user == msg.user)]
+        others = (msg.user and msg.user != asker.user) or any(call.user != asker.user for _, call in calls)
+        error = ""
+        if not msg.call and not msg.user:
+            error = "name a call or a user to cancel"
+        elif others and not asker.admin:
+            error = "only the admin may cancel another user's work"
+        elif not calls:
+            error = f"no call {msg.call[:MAX_NAME]!r}" if msg.call else f"user {msg.user[:MAX_NAME]!r} has no calls"
+        if error:
+            out.append(Send(asker.conn, m.CancelReply(msg.request_id, 0, error)))
+            return
+        by = f"{asker.user} (admin)" if asker.admin else asker.user
+        for client, call in calls:
+            self._cancel_call(client, call.key[1], out, f"cancelled by {by}")
+        self._log_event("calls-cancelled", f"{by} cancelled {len(calls)} calls", asker.user)
+        out.append(Send(asker.conn, m.CancelReply(msg.request_id, len(calls))))
+
+    def _on_users_changed(self, users: dict[str, UserPolicy], revoked: frozenset[str], out: list[Command]) -> None:
+        self.share.set_policies(users)
+        for client in [c for c in self.clients.values() if c.user in revoked and not c.admin]:
+            reason = f"user {client.user} was removed or their token rotated"
+            out.append(Close(client.conn, reason))
+            self._on_disconnect(client.conn, out, reason)
 
     def _call_of(self, task: TaskRecord) -> CallRecord | None:
         client = self.clients.get(task.call[0])
@@ -487,31 +543,29 @@ class SchedulerState:
 
     # ----------------------------------------------------------- scheduling
     def _schedule(self, out: list[Command]) -> None:
-        ready = self.ready_calls
-        while ready:
+        share = self.share
+        while share:
             if self.free_workers:
-                key, workers = next(iter(ready)), self.free_workers
+                call, workers = share.pick(), self.free_workers
             elif self.prefetch_workers and self.config.prefetch:
-                short = next((k for k, c in ready.items() if c.short), None)  # only short batches wait
-                if short is None:
-                    return
-                key, workers = short, self.prefetch_workers
+                call, workers = share.pick(short_only=True), self.prefetch_workers  # only short batches wait
             else:
                 return
-            call = ready.pop(key)
+            if call is None:
+                return
             task = self.tasks[call.queue.popleft()]
             worker = workers.pop(self._pick_worker(task, workers))
             self._start(task, call, worker)
             out.append(Send(worker.conn, m.Execute(task.task_id, task.attempt, task.func_name, task.frames, task.keys,
                                                    task.ref)))
-            if call.ready:
-                ready[key] = call
+            share.mark(call)
 
     def _start(self, task: TaskRecord, call: CallRecord, worker: WorkerRecord) -> None:
         task.attempt += 1
         task.worker = worker.conn
         worker.running[task.task_id] = None
         call.running[task.task_id] = None
+        self.share.started(task.user)
         self._place(worker)  # back of its line, or into the other one
 
     def _pick_worker(self, task: TaskRecord, workers: dict[ConnId, WorkerRecord]) -> ConnId:
@@ -527,6 +581,7 @@ class SchedulerState:
         self.now = now
         if self.started_at is None:
             self.started_at = now
+        self.share.tick(now)
         if self.held_calls and not self._in_recovery_grace():
             self._release_held_calls()
         deadline = now - self.config.heartbeat_timeout
@@ -579,7 +634,7 @@ class SchedulerState:
                     out.append(Send(client.conn, m.BatchDone(task.batch_id, m.FAILED, "", reason)))
                     self.counters["done:failed"] += 1
                 call.queue.clear()
-                self.ready_calls.pop(call.key, None)
+                self.share.mark(call)
         self.all_paused_since = now
 
     def _fail_starved(self, now: float, out: list[Command]) -> None:
@@ -597,12 +652,33 @@ class SchedulerState:
                     self._drop_task(task)
                     out.append(Send(client.conn, m.BatchDone(task.batch_id, m.NO_WORKERS, "", reason)))
                     self.counters["done:no-workers"] += 1
-                if not call.ready:
-                    self.ready_calls.pop(call.key, None)
+                self.share.mark(call)
 
     # ----------------------------------------------------------------- info
-    def info(self) -> dict[str, Any]:
+    def info(self, viewer: ClientRecord | None = None) -> dict[str, Any]:
+        """The cluster as ``viewer`` may see it: the admin (or None, the HTTP endpoints) sees
+        everything; a user sees the workers, their own calls and events, and everyone else's
+        use of the cluster summed as ``"(others)"``."""
+        calls = [
+            {"id": call_id(call), "user": call.user, "client": client.name, "running": len(call.running),
+             "queued": len(call.queue), "priority": call.priority}
+            for client in self.clients.values() for call in client.calls.values()
+        ]
+        users = self._users_info(calls)
+        events = list(self.events)
+        if viewer is not None and not viewer.admin:
+            me = viewer.user
+            calls = [c for c in calls if c["user"] == me]
+            events = [e for e in events if e["user"] in ("", me)]
+            others = [row for name, row in users.items() if name != me]
+            users = {me: users.get(me) or self._user_row(me, 0, 0)}
+            if others:
+                users["(others)"] = {key: sum(row[key] for row in others) if key not in ("weight", "max_slots") else 0
+                                     for key in others[0]}
         return {
+            "viewer": {"user": "" if viewer is None else viewer.user, "admin": viewer is None or viewer.admin},
+            "users": users,
+            "calls": calls,
             "address": self.config.address,
             "workers": {
                 w.address: {
@@ -628,7 +704,25 @@ class SchedulerState:
             "running": sum(len(w.running) for w in self.workers.values()),
             "slots": sum(w.nthreads for w in self.workers.values()),
             "counters": dict(self.counters),
-            "events": list(self.events),
+            "events": events,
+        }
+
+    def _users_info(self, calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        queued: Counter[str] = Counter()
+        count: Counter[str] = Counter()
+        for call in calls:
+            queued[call["user"]] += call["queued"]
+            count[call["user"]] += 1
+        return {name: self._user_row(name, queued[name], count[name]) for name in self.share.users}
+
+    def _user_row(self, name: str, queued: int, calls: int) -> dict[str, Any]:
+        user = self.share.user(name)
+        busy = sum(u.running for u in self.share.users.values())
+        return {
+            "running": user.running, "queued": queued, "calls": calls,
+            "share": user.running / busy if busy else 0.0,
+            "usage_hour": user.usage_last_hour(), "usage": user.usage,
+            "weight": user.policy.weight, "max_slots": user.policy.max_slots,
         }
 
     def validate(self) -> None:
@@ -648,7 +742,7 @@ class SchedulerState:
             assert conn in self.workers
         for client in self.clients.values():
             for call in client.calls.values():
-                assert (call.key in self.ready_calls) == call.ready, call
+                assert (call in self.share) == call.ready, call
                 for task_id in call.running:
                     task = self.tasks[task_id]
                     assert task.worker is not None and not task.cancelled and task.call == call.key
@@ -658,4 +752,6 @@ class SchedulerState:
             if task.worker is not None:
                 assert task.task_id in self.workers[task.worker].running
             assert not task.adopted or task.worker is not None
+        running: Counter[str] = Counter(task.user for task in self.tasks.values() if task.worker is not None)
+        self.share.validate(dict(running))
         self.data.validate()

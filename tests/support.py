@@ -57,6 +57,7 @@ from jobsched.protocol import messages as m
 from jobsched.protocol.address import parse_address
 from jobsched.protocol.messages import PROTOCOL_VERSION
 from jobsched.runtime.secret import load_credentials
+from jobsched.scheduler.records import CLIENT, WORKER
 from jobsched.scheduler.state import (
     MAX_NAME,
     MessageReceived,
@@ -695,15 +696,15 @@ class SchedulerSim:
     def msg(self, conn: int, message: m.Message) -> list:
         return self(MessageReceived(conn, message))
 
-    def client(self, conn: int, name: str = "laptop") -> None:
-        assert self(PeerConnected(conn, f"tcp://10.0.0.{conn}:40000")) == []
+    def client(self, conn: int, name: str = "laptop", user: str = "ann", admin: bool = True) -> None:
+        assert self(PeerConnected(conn, f"tcp://10.0.0.{conn}:40000", CLIENT, user, admin)) == []
         assert self.msg(conn, m.RegisterClient(name, 1000 + conn, "laptop.lab")) == [
             Send(conn, m.Welcome(f"client-{conn}", HB))
         ]
 
     def worker(self, conn: int, name: str, nthreads: int = 1, data_address: str = "", share_domain: str = "") -> list:
         """Register a worker; returns the commands after its Welcome (e.g. Executes)."""
-        assert self(PeerConnected(conn, f"tcp://10.0.1.{conn}:41000")) == []
+        assert self(PeerConnected(conn, f"tcp://10.0.1.{conn}:41000", WORKER, "root", True)) == []
         out = self.msg(conn, m.RegisterWorker(name, nthreads, 2000 + conn, f"node{conn}", 2**30, data_address,
                                               share_domain))
         # the scheduler keeps at most MAX_NAME characters of what a peer calls itself

@@ -64,4 +64,5 @@ def test_a_prefetched_batch_is_no_death_when_its_worker_dies():
     out = sim.leave(2, "killed")
     lost = [c.message.batch_id for c in out if type(c) is Send and type(c.message) is m.BatchDone]
     assert lost == [2]  # max_deaths=1: the running one fails, the held one is requeued
-    assert sim.state.tasks[3].deaths == 0 and 3 in sim.state.ready_calls[(1, 7)].queue
+    call = sim.state.clients[1].calls[7]
+    assert sim.state.tasks[3].deaths == 0 and 3 in call.queue and call in sim.state.share

@@ -7,6 +7,7 @@ from support import HB
 from test_scheduler_state import Sim, payload
 
 from jobsched.protocol import messages as m
+from jobsched.scheduler.records import CLIENT, WORKER
 from jobsched.scheduler.state import Close, MessageReceived, PeerConnected, PeerDisconnected, Send, Ticked
 
 SESSION = "c0ffee"
@@ -17,14 +18,14 @@ def ref(batch_id: int) -> str:
 
 
 def client(sim: Sim, conn: int = 1, resumed: bool = False) -> None:
-    sim(PeerConnected(conn, "tcp://10.0.0.1:40000"))
+    sim(PeerConnected(conn, "tcp://10.0.0.1:40000", CLIENT, "ann", True))
     assert sim.msg(conn, m.RegisterClient("laptop", 1001, "laptop.lab", SESSION, resumed)) == [
         Send(conn, m.Welcome(f"client-{conn}", HB))
     ]
 
 
 def worker(sim: Sim, conn: int, name: str, nthreads: int = 1, running: tuple[str, ...] = ()) -> list:
-    sim(PeerConnected(conn, f"tcp://10.0.1.{conn}:41000"))
+    sim(PeerConnected(conn, f"tcp://10.0.1.{conn}:41000", WORKER, "root", True))
     out = sim.msg(conn, m.RegisterWorker(name, nthreads, 2000 + conn, "node", 2**30, "", "", list(running)))
     assert out[0] == Send(conn, m.Welcome(name, HB))
     return out[1:]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from support import HB, SchedulerSim
 
 from jobsched.protocol import messages as m
+from jobsched.scheduler.records import CLIENT, WORKER
 from jobsched.scheduler.state import (
     Close,
     MessageReceived,
@@ -64,7 +65,7 @@ def test_client_registration():
 
 def test_worker_registration_gets_welcome_with_heartbeat_interval():
     sim = Sim(heartbeat_interval=2.5)
-    assert sim(PeerConnected(7, "tcp://10.0.0.7:1")) == []
+    assert sim(PeerConnected(7, "tcp://10.0.0.7:1", WORKER, "root", True)) == []
     assert sim.msg(7, m.RegisterWorker("w7", 4)) == [Send(7, m.Welcome("w7", 2.5))]
     assert sim.state.workers[7].nthreads == 4
     assert 7 in sim.state.free_workers
@@ -72,14 +73,14 @@ def test_worker_registration_gets_welcome_with_heartbeat_interval():
 
 def test_unnamed_worker_is_named_after_its_address():
     sim = Sim()
-    sim(PeerConnected(3, "tcp://10.9.9.9:5555"))
+    sim(PeerConnected(3, "tcp://10.9.9.9:5555", WORKER, "root", True))
     assert sim.msg(3, m.RegisterWorker("", 1)) == [Send(3, m.Welcome("tcp://10.9.9.9:5555", HB))]
 
 
 def test_duplicate_worker_name_is_refused():
     sim = Sim()
     sim.worker(1, "w")
-    sim(PeerConnected(2, "tcp://10.0.0.2:1"))
+    sim(PeerConnected(2, "tcp://10.0.0.2:1", WORKER, "root", True))
     assert sim.msg(2, m.RegisterWorker("w", 2)) == [Close(2, "a worker named 'w' is already registered")]
     assert list(sim.state.workers) == [1]
     assert sim.msg(2, m.Heartbeat(1)) == [Close(2, "expected a registration, got 'heartbeat'")]
@@ -97,7 +98,7 @@ def test_worker_name_is_free_again_after_its_owner_left():
 @pytest.mark.parametrize("nthreads", [0, -1])
 def test_worker_with_no_threads_is_refused(nthreads):
     sim = Sim()
-    sim(PeerConnected(1, "tcp://10.0.0.1:1"))
+    sim(PeerConnected(1, "tcp://10.0.0.1:1", WORKER, "root", True))
     assert sim.msg(1, m.RegisterWorker("w", nthreads)) == [Close(1, "nthreads must be at least 1")]
     assert sim.state.workers == {} and sim.state.free_workers == {}
     sim.client(2)
@@ -119,7 +120,7 @@ def test_worker_with_no_threads_is_refused(nthreads):
 )
 def test_messages_before_registration_are_refused(message):
     sim = Sim()
-    sim(PeerConnected(1, "tcp://10.0.0.1:1"))
+    sim(PeerConnected(1, "tcp://10.0.0.1:1", CLIENT, "ann", True))
     assert sim.msg(1, message) == [Close(1, f"expected a registration, got {message.op!r}")]
     assert sim.state.addresses == {} and sim.state.tasks == {}
 
@@ -161,7 +162,7 @@ def test_unknown_event_type():
 def test_disconnect_of_unknown_or_unregistered_peer():
     sim = Sim()
     assert sim(PeerDisconnected(99, "never seen")) == []
-    sim(PeerConnected(1, "tcp://10.0.0.1:1"))
+    sim(PeerConnected(1, "tcp://10.0.0.1:1", CLIENT, "ann", True))
     assert sim(PeerDisconnected(1, "left before registering")) == []
     assert sim.state.addresses == {}
 
@@ -477,7 +478,7 @@ def test_cancel_call_with_only_queued_batches():
     sim.submit(1, 1)
     sim.submit(1, 2)
     assert sim.msg(1, m.CancelCall(1)) == []
-    assert sim.state.tasks == {} and sim.state.ready_calls == {}
+    assert sim.state.tasks == {} and not sim.state.share
     assert sim.worker(2, "w") == []
 
 
@@ -808,7 +809,7 @@ def test_no_worker_timeout_fails_queued_batches():
     reason = "no worker connected to the scheduler within 60 s"
     assert sim(Ticked(65.0)) == [Send(1, m.BatchDone(1, m.NO_WORKERS, "", reason))]
     assert sim(Ticked(80.0)) == [Send(1, m.BatchDone(2, m.NO_WORKERS, "", reason))]
-    assert sim.state.tasks == {} and sim.state.ready_calls == {}
+    assert sim.state.tasks == {} and not sim.state.share
 
 
 def test_no_worker_timeout_does_not_apply_while_workers_are_busy():
@@ -968,7 +969,8 @@ def test_client_left_event_counts_dropped_batches_and_requeues_are_counted():
     sim(PeerDisconnected(2, "x"))
     assert sim.state.counters["requeued"] == 1
     sim(PeerDisconnected(1, "laptop closed"))
-    assert sim.state.events[-1] == {"time": 0.0, "kind": "client-left", "text": "bob: laptop closed; dropped 2 batches"}
+    assert sim.state.events[-1] == {"time": 0.0, "kind": "client-left", "text": "bob of ann: laptop closed; dropped 2 batches",
+                                    "user": "ann"}
 
 
 def test_event_log_is_bounded():
@@ -987,7 +989,7 @@ def test_info_reply_stays_within_the_frame_caps_whatever_peers_call_themselves()
 
     sim = Sim()
     for conn in range(1, 21):
-        sim(PeerConnected(conn, f"tcp://10.0.0.{conn}:1"))
+        sim(PeerConnected(conn, f"tcp://10.0.0.{conn}:1", CLIENT, "ann", True))
         sim.msg(conn, m.RegisterClient("n" * 2**20, conn, "h" * 2**10))
         sim(PeerDisconnected(conn, "bye"))
     sim.worker(50, "w" * 2**20)
@@ -1138,7 +1140,7 @@ class World:
     def act(self, action: str, n: int) -> None:
         if action == "client":
             conn, self.next_conn = self.next_conn, self.next_conn + 1
-            self.step(PeerConnected(conn, f"tcp://c{conn}:1"))
+            self.step(PeerConnected(conn, f"tcp://c{conn}:1", CLIENT, "ann", True))
             self.pending[conn] = ("client",)
             assert self.step(MessageReceived(conn, m.RegisterClient("c"))) == [Send(conn, m.Welcome(f"client-{conn}", HB))]
         elif action == "worker":
@@ -1148,7 +1150,7 @@ class World:
             name = self.pick(taken, n) if n % 10 == 0 and taken else f"w{conn}"
             address = "" if n % 4 == 3 else f"tcp://w{conn}:9"
             refused = nthreads < 1 or name in taken
-            self.step(PeerConnected(conn, f"tcp://w{conn}:1"))
+            self.step(PeerConnected(conn, f"tcp://w{conn}:1", WORKER, "root", True))
             self.pending[conn] = ("worker", name, nthreads, address)
             out = self.step(MessageReceived(conn, m.RegisterWorker(name, nthreads, 0, "", 0, address)))
             assert (type(out[0]) is Close) == refused
@@ -1240,7 +1242,7 @@ class World:
         """A fresh worker joins and every worker finishes everything: every batch must end."""
         self.act("tick", 0)
         conn, self.next_conn = self.next_conn, self.next_conn + 1
-        self.step(PeerConnected(conn, "tcp://drain:1"))
+        self.step(PeerConnected(conn, "tcp://drain:1", WORKER, "root", True))
         self.pending[conn] = ("worker", "drain", 4, "tcp://drain:9")
         self.step(MessageReceived(conn, m.RegisterWorker("drain", 4, 0, "", 0, "tcp://drain:9")))
         for _ in range(10_000):
