@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import pickle
 import socket
 import sys
@@ -85,7 +86,10 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     ``local_threads`` (default True): a ``prefer="threads"`` call (scikit-learn's forests) runs
     in threads in the caller when every worker is on this machine, as it would without this
     backend: the cores are the same, and threads share the inputs and results that processes
-    would pickle.  False ships such calls to the workers too.
+    would pickle.  False ships such calls to the workers too;
+    ``priority`` (default 0, an integer): orders your own calls on the scheduler, higher first
+    (round robin among equals); it never takes slots from other users, whose share is set by
+    the scheduler's users file.
     """
 
     supports_retrieve_callback = True
@@ -110,6 +114,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
         reconnect_timeout: float | None = None,
+        priority: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **kwargs)
@@ -120,6 +125,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         if reconnect_timeout is not None and not reconnect_timeout >= 0:
             raise ValueError(f"reconnect_timeout must be >= 0 seconds, not {reconnect_timeout!r}")
         self.reconnect_timeout = reconnect_timeout
+        self.priority = _checked_priority(priority)
         if forward_logging is True:
             forward_logging = logging.WARNING
         self.capture_output = bool(capture_output)
@@ -214,7 +220,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
                 future.add_done_callback(callback)
             return future
         future = self.client.submit_batch(
-            frames, keys=keys, call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running
+            frames, keys=keys, call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running,
+            priority=self.priority,
         )
         if self._progress is not None:
             self._progress.submitted()
@@ -304,6 +311,21 @@ def _checked_pre_dispatch(value: str | int) -> str | int:
         raise ValueError(f"pre_dispatch must be 'all', a positive integer or an expression such as '4 * n_jobs', "
                          f"not {value!r}")
     return value
+
+
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)  # plenty of levels, and always a small msgpack integer
+
+
+def _checked_priority(value: Any) -> int:
+    """``value`` as a call priority (any integer type, numpy's included), else a ValueError."""
+    try:
+        priority = operator.index(value)
+    except TypeError:
+        priority = None
+    if priority is None or isinstance(value, bool) or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+        raise ValueError(f"priority must be an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]} "
+                         f"(higher runs first among your own calls), not {value!r}")
+    return priority
 
 
 def _release(client_ref: weakref.ref[Client], keys: list[str]) -> None:

@@ -26,8 +26,9 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from ..payload.serialize import dumps, load_exception, loads
 from ..payload.shm import SharedSegment, share_domain, worth_sharing
@@ -41,7 +42,14 @@ from ..runtime.daemon import new_event_loop
 from ..runtime.scheduler_file import read_scheduler_file
 from ..runtime.secret import load_credentials
 from ..runtime.tokens import token_user
-from .errors import ClusterError, NoWorkersError, SchedulerUnreachableError, WorkerLostError
+from .errors import (
+    CallCancelledError,
+    CancelRefusedError,
+    ClusterError,
+    NoWorkersError,
+    SchedulerUnreachableError,
+    WorkerLostError,
+)
 from .local_cluster import LocalCluster
 from .replay import replay
 from .scatter import ScatteredRef, new_key
@@ -69,6 +77,7 @@ from .state import (
 )
 
 log = logging.getLogger("jobsched.client")
+R = TypeVar("R", bound=m.Message)
 
 TICK_INTERVAL = 0.25  # seconds: heartbeats, silence and reconnection are decided on ticks
 _open_clients: list[weakref.ref[Client]] = []
@@ -278,10 +287,10 @@ class Client:
                     return
                 case m.Heartbeat():
                     pass  # the scheduler is alive
-                case m.InfoReply():
+                case m.InfoReply() | m.CancelReply():
                     request = self._requests.pop(message.request_id, None)
                     if request is not None:
-                        request.set_result(message.info)
+                        request.set_result(message)
                 case m.UploadRequest():
                     upload = self._loop.create_task(self._upload(conn, message))
                     self._uploads.add(upload)  # the loop keeps only a weak reference to a task
@@ -355,14 +364,16 @@ class Client:
             conn.send(message)
 
     def submit_batch(
-        self, frames: list, *, call_id: int, func_name: str, max_running: int = 0, keys: list[str] | None = None
+        self, frames: list, *, call_id: int, func_name: str, max_running: int = 0, keys: list[str] | None = None,
+        priority: int = 0,
     ) -> Future:
-        """Send a pickled batch; the returned future resolves to its result (or exception)."""
+        """Send a pickled batch; the returned future resolves to its result (or exception).
+        ``priority`` orders this user's calls on the scheduler (higher first)."""
         future: Future = Future()
         batch_id = next(self._batch_ids)
         self._pending[batch_id] = (future, call_id)
         self._handle(BatchSubmitted(BatchRecord(batch_id, call_id, func_name[:200], max_running, tuple(frames),
-                                                tuple(keys or ()))))
+                                                tuple(keys or ()), priority)))
         return future
 
     def new_call_id(self) -> int:
@@ -462,6 +473,8 @@ class Client:
                 error = WorkerLostError(message.error)
             elif status == m.NO_WORKERS:
                 error = NoWorkersError(message.error)
+            elif status == m.CANCELLED:
+                error = CallCancelledError(message.error or "the call was cancelled on the scheduler")
             else:
                 error = ClusterError(message.error or f"batch failed with status {status!r}")
         except Exception as exc:  # noqa: BLE001 - any failure to load the result is the batch's error (e.g. its class cannot be unpickled here)
@@ -470,7 +483,25 @@ class Client:
 
     # ------------------------------------------------------------ information
     def scheduler_info(self) -> dict:
-        """The scheduler's view: ``address``, ``workers`` (by address: name, nthreads, running, ...)."""
+        """The scheduler's view: ``address``, ``workers`` (by address: name, nthreads, running, ...);
+        ``users`` and ``calls`` as this client's user may see them (others only in aggregate)."""
+        return self._request(m.InfoRequest, m.InfoReply).info
+
+    def cancel(self, call: str | None = None, user: str | None = None) -> int:
+        """Cancel one call (its ``id`` in ``scheduler_info()["calls"]``) or every call of ``user``;
+        returns how many calls the scheduler cancelled.  Only the admin credential (the cluster
+        secret) may cancel another user's work: otherwise, and for an unknown call or user, the
+        scheduler refuses with ``CancelRefusedError`` saying why.  The cancelled calls raise
+        ``CallCancelledError`` in their callers."""
+        if (call is None) == (user is None):
+            raise ValueError("cancel() needs exactly one of call= (a call id) or user= (a user name)")
+        reply = self._request(lambda request_id: m.CancelRequest(request_id, user or "", call or ""), m.CancelReply)
+        if reply.error:
+            raise CancelRefusedError(f"the scheduler at {self.address} refused to cancel: {reply.error}")
+        return reply.cancelled
+
+    def _request(self, make: Callable[[int], m.Message], reply_type: type[R]) -> R:
+        """Send the request ``make(request_id)`` and wait up to ``timeout`` for its reply."""
         self._check_open()
         self._wait_while_reconnecting()
         future: Future = Future()
@@ -482,13 +513,17 @@ class Client:
                 self._requests.pop(request_id, None)
                 future.set_exception(SchedulerUnreachableError(f"not connected to the scheduler at {self.address}"))
             else:
-                self._conn.send(m.InfoRequest(request_id))
+                self._conn.send(make(request_id))
 
         self._loop.call_soon_threadsafe(register)
         try:
-            return future.result(self.timeout)
+            reply = future.result(self.timeout)
         except TimeoutError:
+            self._loop.call_soon_threadsafe(self._requests.pop, request_id, None)
             raise SchedulerUnreachableError(f"the scheduler at {self.address} did not answer within {self.timeout} s") from None
+        if not isinstance(reply, reply_type):
+            raise ClusterError(f"the scheduler at {self.address} answered a request with {reply.op!r}")
+        return reply
 
     def _wait_while_reconnecting(self) -> None:
         """A request made while the client reconnects waits for it, up to ``timeout``."""

@@ -22,4 +22,17 @@ class SchedulerUnreachableError(ClusterError, ConnectionError):
     """The scheduler cannot be reached, or the connection to it was lost."""
 
 
-__all__ = ["ClusterError", "WorkerLostError", "NoWorkersError", "SchedulerUnreachableError", "RemoteError"]
+class CallCancelledError(ClusterError):
+    """Someone with the right (the admin, or the same user from another client) cancelled
+    the call on the scheduler; the message is the scheduler's, naming who."""
+
+
+class CancelRefusedError(JobschedError, RuntimeError):
+    """The scheduler refused a cancel request (another user's work without the admin
+    credential, or no such call or user); the message is the scheduler's reason."""
+
+
+__all__ = [
+    "ClusterError", "WorkerLostError", "NoWorkersError", "SchedulerUnreachableError", "CallCancelledError",
+    "CancelRefusedError", "RemoteError",
+]

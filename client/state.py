@@ -40,9 +40,11 @@ class BatchRecord:
     max_running: int
     frames: m.Frames
     keys: tuple[str, ...] = ()
+    priority: int = 0  # orders this user's own calls on the scheduler: higher first
 
     def submission(self) -> m.SubmitBatch:
-        return m.SubmitBatch(self.batch_id, self.call_id, self.func_name, self.max_running, self.frames, list(self.keys))
+        return m.SubmitBatch(self.batch_id, self.call_id, self.func_name, self.max_running, self.frames,
+                             list(self.keys), self.priority)
 
 
 # ------------------------------------------------------------------- events
@@ -161,6 +163,9 @@ class ClientState:
     retry_at: float = 0.0
     retry_delay: float = FIRST_RETRY
     gave_up: str = ""  # while disconnected past reconnect_timeout: why new batches fail at once
+    # calls the scheduler cancelled (someone else's cancel request): call id -> its reason, until
+    # the caller ends the call; their later batches end at once instead of reaching the scheduler
+    cancelled_calls: dict[int, str] = field(default_factory=dict)
 
     def handle(self, event: Event) -> list[Command]:
         match event:
@@ -168,11 +173,17 @@ class ClientState:
                 return self._submitted(batch)
             case BatchDoneReceived(message, now):
                 self.last_heard = now
-                return [Deliver(message)] if self.pending.pop(message.batch_id, None) is not None else []
+                record = self.pending.pop(message.batch_id, None)
+                if record is None:
+                    return []
+                if message.status == m.CANCELLED:
+                    return self._call_cancelled(record.call_id, message)
+                return [Deliver(message)]
             case MessageReceived(now):
                 self.last_heard = now
                 return []
             case CallCancelled(call_id):
+                self.cancelled_calls.pop(call_id, None)  # the caller has seen the end of it
                 for batch_id in [b.batch_id for b in self.pending.values() if b.call_id == call_id]:
                     del self.pending[batch_id]
                 return [Send(m.CancelCall(call_id))] if self.connected else []
@@ -196,10 +207,23 @@ class ClientState:
         raise TypeError(f"unknown event {event!r}")
 
     def _submitted(self, batch: BatchRecord) -> list[Command]:
+        reason = self.cancelled_calls.get(batch.call_id)
+        if reason is not None:  # joblib dispatches on until it sees the error: end these here
+            return [Deliver(m.BatchDone(batch.batch_id, m.CANCELLED, "", reason))]
         if self.gave_up and not self.connected:
             return [Fail((batch.batch_id,), self.gave_up)]
         self.pending[batch.batch_id] = batch
         return [Send(batch.submission())] if self.connected else []
+
+    def _call_cancelled(self, call_id: int, first: m.BatchDone) -> list[Command]:
+        """The scheduler cancelled the call (someone else's cancel request): it has forgotten
+        it, so every batch of it ends now, as do those joblib dispatches until it sees the error."""
+        self.cancelled_calls[call_id] = first.error
+        out: list[Command] = [Deliver(first)]
+        for batch_id in [b.batch_id for b in self.pending.values() if b.call_id == call_id]:
+            del self.pending[batch_id]
+            out.append(Deliver(m.BatchDone(batch_id, m.CANCELLED, "", first.error)))
+        return out
 
     def _connected(self, now: float, interval: float) -> list[Command]:
         self.connected, self.connecting = True, False
@@ -253,4 +277,5 @@ class ClientState:
         assert not (self.connected and self.lost_since is not None)
         assert not (self.gave_up and (self.connected or self.pending))
         assert all(batch_id == batch.batch_id for batch_id, batch in self.pending.items())
+        assert not any(batch.call_id in self.cancelled_calls for batch in self.pending.values())
         assert all(key == d.key for key, d in self.data.items())

@@ -34,6 +34,8 @@ _PUBLIC = {
     "RemoteError": ".client.errors",
     "SchedulerUnreachableError": ".client.errors",
     "WorkerLostError": ".client.errors",
+    "CallCancelledError": ".client.errors",
+    "CancelRefusedError": ".client.errors",
     "ConfigError": ".runtime.config",
     "SecretError": ".runtime.secret",
     "UsersFileError": ".runtime.users",

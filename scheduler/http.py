@@ -71,6 +71,26 @@ class StatusCollector:
         moved.add_metric(["received"], info["bytes_received"])
         moved.add_metric(["sent"], info["bytes_sent"])
         yield moved
+        yield from _user_families(info.get("users", {}))
+
+
+# per user, from the admin view: metric name, help, the key in info["users"][name]
+USER_SERIES = (
+    ("running_batches", "Batches of the user's calls running (prefetched ones included)", "running"),
+    ("queued_batches", "Batches of the user's calls waiting for a slot", "queued"),
+    ("share", "The user's fraction of the busy slots (0..1)", "share"),
+    ("usage_hour_seconds", "Slot-seconds of the user's batches finished in the last hour", "usage_hour"),
+    ("usage_seconds", "The user's decayed usage in slot-seconds, which fair share orders users by", "usage"),
+)
+
+
+def _user_families(users: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    for name, doc, key in USER_SERIES:
+        family = GaugeMetricFamily(f"jobsched_user_{name}", doc, labels=["user"])
+        for user, entry in sorted(users.items()):
+            if user != "(others)":  # a non-admin's aggregate: the admin view has every user instead
+                family.add_metric([user], float(entry.get(key, 0)))
+        yield family
 
 
 class StatusServer:

@@ -264,6 +264,15 @@ def worker_rows(dom: str) -> dict[str, str]:
             for m in re.finditer(r'<tr data-worker="([^"]*)">(.*?)</tr>', dom, re.S)}
 
 
+def user_rows(dom: str) -> dict[str, list[str]]:
+    """user -> the text of each cell of the row, for every row of the users table."""
+    rows = {}
+    for match in re.finditer(r'<tr data-user="([^"]*)">(.*?)</tr>', dom, re.S):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", match.group(2), re.S)
+        rows[html.unescape(match.group(1))] = [html.unescape(" ".join(re.sub(r"<[^>]+>", " ", c).split())) for c in cells]
+    return rows
+
+
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG"
@@ -294,6 +303,11 @@ def test_dashboard_in_headless_chromium(live: Live, tmp_path: Path) -> None:
     assert re.search(r"\d / 3</span>", rows["dash-b"]) and "/ 1.00 GiB" in rows["dash-b"]
     assert "no limit" in rows["dash-a-0"] and re.search(r"\d / 2</span>", rows["dash-a-1"])
     assert all(re.search(r"MiB <span class=\"small\">· 1 key", row) for row in rows.values())
+    # the users table is on the page; it has rows once the scheduler reports users
+    assert 'id="users-panel"' in dom
+    status = live.status()
+    if status.get("users"):
+        assert set(user_rows(dom)) >= {name for name in status["users"] if status["users"][name]["calls"]}
 
     events = text_of(dom, "events")
     assert "dash-doomed" in events and "worker died" in events and "batch error" in events
@@ -378,6 +392,16 @@ def crafted_status(n: int) -> dict:
             {"time": t0, "kind": "batch-lost", "text": "batch 7 lost on 3 workers"},
         ],
         "bytes_received": 5 << 20, "bytes_sent": 1536,
+        "users": {
+            "bob": {"running": 10, "queued": 1000, "calls": 3, "share": 0.625, "usage_hour": 750.0, "usage": 700.0,
+                    "weight": 1.0, "max_slots": 0},
+            EVIL: {"running": 6, "queued": 234, "calls": 1, "share": 0.375, "usage_hour": 7200.0, "usage": 9000.0,
+                   "weight": 2.0, "max_slots": 8},
+            "(others)": {"running": 0, "queued": 0, "calls": 0, "share": 0.0, "usage_hour": 0.0, "usage": 0.0,
+                         "weight": 0.0, "max_slots": 0},
+            "alice": {"running": 0, "queued": 0, "calls": 0, "share": 0.0, "usage_hour": 42.0, "usage": 40.0,
+                      "weight": 1.0, "max_slots": 0},
+        },
     }
 
 
@@ -404,8 +428,28 @@ def test_dashboard_renders_crafted_status(tmp_path: Path) -> None:
     assert "no limit" in rows["small"] and "5.00 GiB" in rows[EVIL] and "10 / 40" in rows[EVIL]
     assert len(re.findall(r'<li class="hot"', dom)) == 2 and len(re.findall(r'<li class="warm"', dom)) == 1
     assert text_of(dom, "events-meta") == "1 error · 1 death · 1 lost · last 4"
+    users = user_rows(dom)
+    assert sorted(users) == sorted(["alice", "bob", EVIL, "(others)"])  # escaped like the worker names
+    assert list(users).index("alice") < list(users).index("bob") and list(users)[-1] == "(others)"  # by name
+    assert users["bob"] == ["bob", "10", "1,000", "3", "62.5%", "12.5 slot-min"]
+    assert users[EVIL][4:] == ["37.5%", "2.0 slot-h"] and users["alice"][4:] == ["0.0%", "42 slot-s"]
+    assert re.search(r'id="users-panel"(?![^>]*hidden)', dom) and text_of(dom, "users-meta") == "3 users"
     events = text_of(dom, "events")
     assert events.index("batch lost") < events.index("worker died") < events.index("worker joined")  # newest first
+
+
+@needs_chromium
+@pytest.mark.timeout(120)
+def test_a_scheduler_without_users_leaves_the_users_table_hidden(tmp_path: Path) -> None:
+    def without_users(n: int) -> dict:
+        status = crafted_status(n)
+        del status["users"]
+        return status
+
+    with FakeScheduler(without_users) as fake:
+        dom = dump_dom(tmp_path, fake.url)
+    assert 'class="down"' not in dom and text_of(dom, "slots-busy") == "16"  # the rest still renders
+    assert re.search(r'id="users-panel"[^>]*hidden', dom) and user_rows(dom) == {}
 
 
 @needs_chromium

@@ -81,6 +81,35 @@ def test_a_cancelled_call_forgets_its_batches_and_drops_their_results():
     assert sim(BatchDoneReceived(done(1), 1.0)) == []
 
 
+def test_the_submission_carries_the_calls_priority():
+    record = BatchRecord(4, 2, "f", 0, (b"x",), (), priority=-7)
+    assert record.submission().priority == -7
+    assert batch(5).submission().priority == 0
+
+
+def cancelled(batch_id: int, reason: str = "cancelled by root (admin)") -> m.BatchDone:
+    return m.BatchDone(batch_id, m.CANCELLED, "", reason)
+
+
+def test_a_call_cancelled_on_the_scheduler_ends_every_batch_of_it_with_the_reason():
+    sim = Sim()
+    sim.connect()
+    for batch_id, call_id in ((1, 1), (2, 1), (3, 2), (4, 1)):
+        sim(BatchSubmitted(batch(batch_id, call_id)))
+    # the first cancelled batch ends the call's others at once, with the same reason
+    assert sim(BatchDoneReceived(cancelled(2), 1.0)) == [Deliver(cancelled(2)), Deliver(cancelled(1)),
+                                                         Deliver(cancelled(4))]
+    assert list(sim.state.pending) == [3]  # another call goes on
+    assert sim(BatchDoneReceived(cancelled(1), 1.1)) == []  # the scheduler's own reports of the rest: dropped
+    # joblib dispatches until it sees the error: those batches end here, never reach the scheduler
+    assert sim(BatchSubmitted(batch(5, call_id=1))) == [Deliver(cancelled(5))]
+    assert list(sim.state.pending) == [3]
+    # the caller ends the call (joblib's abort): the scheduler hears it, the reason is forgotten
+    assert sim(CallCancelled(1)) == [Send(m.CancelCall(1))]
+    assert sim.state.cancelled_calls == {}
+    assert sim(BatchDoneReceived(done(3), 1.2)) == [Deliver(done(3))]
+
+
 def test_a_lost_connection_keeps_the_batches_and_reconnects_at_once():
     sim = Sim()
     sim.connect()
@@ -191,6 +220,7 @@ def test_unknown_events_are_refused():
 events = st.one_of(
     st.builds(lambda i, c: BatchSubmitted(batch(i, c)), st.integers(1, 30), st.integers(1, 3)),
     st.builds(lambda i: ("done", i), st.integers(1, 30)),
+    st.builds(lambda i: ("cancelled", i), st.integers(1, 30)),
     st.builds(CallCancelled, st.integers(1, 3)),
     st.builds(lambda k: DataRegistered(f"k{k}", k), st.integers(1, 5)),
     st.builds(lambda k: DataReleased((f"k{k}",)), st.integers(1, 5)),
@@ -212,7 +242,7 @@ def test_random_sequences_deliver_each_result_at_most_once_and_never_lose_a_batc
     for event, advance in steps:
         now += advance
         if isinstance(event, tuple):
-            event = BatchDoneReceived(done(event[1]), now)
+            event = BatchDoneReceived(done(event[1]) if event[0] == "done" else cancelled(event[1]), now)
         elif event == "connected":
             if sim.state.connected:
                 continue

@@ -13,6 +13,8 @@ BUILTIN_BASES = {
     "NoWorkersError": RuntimeError,
     "WorkerLostError": RuntimeError,
     "SchedulerUnreachableError": ConnectionError,
+    "CallCancelledError": RuntimeError,
+    "CancelRefusedError": RuntimeError,
 }
 ERRORS = [name for name in jobsched.__all__ if name.endswith("Error") or name == "VersionMismatch"]
 
@@ -21,8 +23,9 @@ def test_every_error_in_the_public_api_is_listed():
     assert set(ERRORS) >= {
         "JobschedError", "ProtocolError", "HandshakeError", "AuthenticationError", "VersionMismatch", "TLSError",
         "ClusterError", "NoWorkersError", "RemoteError", "SchedulerUnreachableError", "WorkerLostError",
-        "ConfigError", "SecretError",
+        "ConfigError", "SecretError", "CallCancelledError", "CancelRefusedError",
     }
+    assert issubclass(jobsched.CallCancelledError, jobsched.ClusterError)
 
 
 @pytest.mark.parametrize("name", ERRORS)
