@@ -208,6 +208,9 @@ class SchedulerState:
                 client.beats = True
             case m.InfoRequest():
                 out.append(Send(conn, m.InfoReply(msg.request_id, self.info())))
+            case m.RegisterWorker():  # a role violation, not just a confused peer: say so
+                out.append(Close(conn, "a client connection may not register a worker"))
+                self._on_disconnect(conn, out)
             case _:
                 out.append(Close(conn, f"unexpected {msg.op!r} from a client"))
                 self._on_disconnect(conn, out)
@@ -494,6 +497,10 @@ class SchedulerState:
         if call is None:
             return
         self.share.drop(call)
+        if reason:
+            for task_id in (*call.queue, *call.running):
+                out.append(Send(client.conn, m.BatchDone(self.tasks[task_id].batch_id, m.CANCELLED, "", reason)))
+                self.counters["done:cancelled"] += 1
         for task_id in call.queue:
             self._drop_task(self.tasks[task_id])
         # running batches keep their slot until the worker reports back: the CPU is still busy
@@ -503,10 +510,6 @@ class SchedulerState:
             assert task.worker is not None  # running
             if not task.adopted:  # an adopted one runs under an id its worker never heard of
                 out.append(Send(task.worker, m.Cancel(task.task_id, task.attempt)))
-        if reason:
-            for task_id in (*call.queue, *call.running):
-                out.append(Send(client.conn, m.BatchDone(self.tasks[task_id].batch_id, m.CANCELLED, "", reason)))
-                self.counters["done:cancelled"] += 1
         call.queue.clear()
 
     def _on_cancel_request(self, asker: ClientRecord, msg: m.CancelRequest, out: list[Command]) -> None:
