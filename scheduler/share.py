@@ -60,6 +60,10 @@ class FairShare:
             user = self.users[name] = UserShare(name, self.policies.get(name, UserPolicy()))
         return user
 
+    def peek(self, name: str) -> UserShare:
+        """The user's record, or a blank one, without keeping it."""
+        return self.users.get(name) or UserShare(name, self.policies.get(name, UserPolicy()))
+
     def set_policies(self, policies: dict[str, UserPolicy]) -> None:
         self.policies = dict(policies)
         for user in self.users.values():

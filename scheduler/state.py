@@ -153,7 +153,6 @@ class SchedulerState:
                 client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME], msg.session[:MAX_NAME],
                                       self.now, resumed=msg.resumed, user=peer.user, admin=peer.admin)
                 self.clients[conn] = client
-                self.share.user(client.user)  # known from now on, with no usage yet
                 self._log_event("client-connected", f"{client.name} of {client.user} (pid {client.pid} on {client.host})",
                                 client.user)
                 out.append(Send(conn, m.Welcome(f"client-{conn}", self.config.heartbeat_interval)))
@@ -716,10 +715,11 @@ class SchedulerState:
         for call in calls:
             queued[call["user"]] += call["queued"]
             count[call["user"]] += 1
-        return {name: self._user_row(name, queued[name], count[name]) for name in self.share.users}
+        names = dict.fromkeys([*self.share.users, *(client.user for client in self.clients.values())])
+        return {name: self._user_row(name, queued[name], count[name]) for name in names}
 
     def _user_row(self, name: str, queued: int, calls: int) -> dict[str, Any]:
-        user = self.share.user(name)
+        user = self.share.peek(name)
         busy = sum(u.running for u in self.share.users.values())
         return {
             "running": user.running, "queued": queued, "calls": calls,
