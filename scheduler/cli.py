@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paused-timeout", type=positive(float), default=60.0,
                    help="seconds batches wait while every worker is paused by its memory limit before "
                    "they fail (default 60)")
+    p.add_argument("--usage-half-life", type=positive(float), default=3600.0,
+                   help="seconds after which a user's past usage counts half when users' turns tie "
+                   "(fair share; default 3600)")
     p.add_argument("--recovery-grace", type=positive(float), default=6.0,
                    help="seconds after start during which a returning client's batches wait for the workers "
                    "that may still run or hold them (default 6)")
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         no_worker_timeout=float(args.no_worker_timeout),
         paused_timeout=float(args.paused_timeout),
         recovery_grace=float(args.recovery_grace),
+        usage_half_life=float(args.usage_half_life),
         prefetch=not args.no_prefetch,
     )
 

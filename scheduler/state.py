@@ -453,6 +453,11 @@ class SchedulerState:
 
     # -------------------------------------------------------------- clients
     def _on_submit(self, client: ClientRecord, msg: m.SubmitBatch, out: list[Command]) -> None:
+        if msg.keys and not self._may_read(client, msg.keys):
+            reason = "the batch names data scattered by another user: a task reads only its own user's data"
+            out.append(Send(client.conn, m.BatchDone(msg.batch_id, m.FAILED, "", reason)))
+            self.counters["done:failed"] += 1
+            return
         call = client.calls.get(msg.call_id)
         if call is None:
             call = client.calls[msg.call_id] = CallRecord((client.conn, msg.call_id), max(msg.max_running, 0),
@@ -473,6 +478,14 @@ class SchedulerState:
         call.queue.append(task.task_id)
         if call.ready:
             self.share.mark(call)
+
+    def _may_read(self, client: ClientRecord, keys: list[str]) -> bool:
+        for key in keys:
+            record = self.data.records.get(key)
+            owner = None if record is None else self.clients.get(record.owner)
+            if owner is not None and owner.user != client.user:
+                return False
+        return True
 
     def _on_data_register(self, client: ClientRecord, msg: m.DataRegister, out: list[Command]) -> None:
         error = self.data.register(client.conn, msg.key, msg.nbytes)

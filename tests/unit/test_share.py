@@ -268,6 +268,18 @@ def test_a_users_view_shows_their_own_work_and_the_rest_summed():
     assert admin["users"]["bob"]["share"] == pytest.approx(0.5)
 
 
+def test_a_batch_may_not_name_another_users_data():
+    sim = lab(slots=1)
+    sim.client(1, user="alice", admin=False)
+    sim.client(2, user="bob", admin=False)
+    sim.client(3, user="bob", admin=False)
+    sim.msg(2, m.DataRegister("bobs-key", 10))
+    out = sim.msg(1, m.SubmitBatch(1, 1, "f", 0, (b"x",), ["bobs-key"]))
+    assert [(c.conn, c.message.status) for c in out] == [(1, m.FAILED)]
+    assert "another user" in out[0].message.error and not sim.state.tasks
+    assert executes(sim.msg(3, m.SubmitBatch(1, 1, "f", 0, (b"x",), ["bobs-key"])))  # bob's other client may
+
+
 # ------------------------------------------------------------ random sequences
 ACTIONS = st.lists(
     st.tuples(st.sampled_from(["submit", "finish", "cancel", "leave", "join", "policy", "tick"]),
