@@ -48,7 +48,7 @@ def test_randomized_search_on_embedded_default(digits, serial_search):
     assert current_client() is None
     with parallel_config(backend="cluster"):
         check_search(digits, serial_search)
-    embedded = backend_module._shared_clients.get((None, None))
+    embedded = backend_module._shared_clients.get((None, None, None))
     assert embedded is not None and embedded.cluster is not None, "no embedded local cluster was started"
     assert batches_completed(embedded) > 0
     processes = list(embedded.cluster.processes)

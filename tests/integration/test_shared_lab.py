@@ -563,7 +563,12 @@ def test_fair_share_a_small_call_behind_another_users_three_calls_gets_its_half(
           f"while it ran; A had 3 calls of {per_call} x {TASK} s tasks)", flush=True)
     # the measurement means something only if A still had work queued when B was done
     assert max(s.start for s in a_runs) > max(s.end for s in b), "alice's work ran out before bob's call finished"
-    assert first_wait < TASK + 0.5, f"bob's first task waited {first_wait:.2f} s (one task is {TASK} s)"
+    # B's first batch takes the first slot that frees once it reaches the scheduler; on a loaded
+    # machine it may arrive after the first round of slots frees, so count alice's starts
+    # in between rather than time them: at most one per slot
+    b_first = min(s.start for s in b)
+    overtaken = sum(1 for s in a_runs if submitted < s.start < b_first)
+    assert overtaken <= slots, f"{overtaken} of alice's tasks started before bob's first (it waited {first_wait:.2f} s)"
     assert ratio < 1.6, f"bob's call took {took:.2f} s against an ideal of {ideal:.2f} s on his fair share"
     assert len(a_runs) == 3 * per_call  # and alice's calls all completed, exactly
 
