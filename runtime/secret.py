@@ -41,16 +41,21 @@ def default_token_path() -> str:
     return os.path.join(config_dir(), "token")
 
 
-def _read_private(path: str, what: str) -> bytes:
+def check_private(path: str, what: str, error: type[SecretError] = SecretError, hint: str = "") -> None:
+    """Raise ``error`` unless ``path`` exists and only its owner may read it: it holds credentials."""
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise SecretError(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror}{hint}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SecretError(
+        raise error(
             f"{what} {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
             f"run: chmod 600 {path}"
         )
+
+
+def _read_private(path: str, what: str) -> bytes:
+    check_private(path, what)
     try:
         with open(path, "rb") as f:
             value = f.read().strip()

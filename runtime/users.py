@@ -20,12 +20,11 @@ import json
 import math
 import os
 import secrets
-import stat
 import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .secret import SecretError
+from .secret import SecretError, check_private
 from .tokens import TOKEN_FORM, new_token, token_user, valid_user_name
 
 if sys.version_info >= (3, 11):
@@ -69,16 +68,8 @@ def check_max_slots(value: Any, where: str = "max-slots") -> int:
 
 def read_users(path: str) -> Users:
     """The users in ``path``; UsersFileError naming the file and the problem."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        hint = "; create it with jobsched-scheduler --users-file PATH --add-user NAME" if not os.path.lexists(path) else ""
-        raise UsersFileError(f"cannot read users file {path}: {exc.strerror}{hint}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UsersFileError(
-            f"users file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):o}): it holds every "
-            f"user's token; run: chmod 600 {path}"
-        )
+    hint = "; create it with jobsched-scheduler --users-file PATH --add-user NAME" if not os.path.lexists(path) else ""
+    check_private(path, "users file", UsersFileError, hint)
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

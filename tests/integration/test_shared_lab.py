@@ -46,13 +46,11 @@ from support import (
     Daemon,
     DaemonPool,
     assert_same_search,
+    authenticated_socket,
     by_name,
     daemon_env,
     message_bytes,
     private_file,
-    raw_connect,
-    read_frame,
-    send_frame,
     squares,
     svc_search,
     wait_for_workers,
@@ -60,9 +58,8 @@ from support import (
 )
 
 import jobsched
-from jobsched.protocol import PREAUTH_LIMITS, FrameDecoder, FrameLimits, InitiatorHandshake, Role
+from jobsched.protocol import FrameDecoder
 from jobsched.protocol import messages as m
-from jobsched.protocol.messages import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.integration
 
@@ -247,22 +244,8 @@ class Wire:
 
 
 def token_connection(address: str, token: str) -> Wire:
-    """A raw client connection authenticated with a user's token (the one place that knows
-    how the handshake takes a token: adapt it here if that changes)."""
-    sock = raw_connect(address)
-    try:
-        initiator = InitiatorHandshake(Role.CLIENT, None, PROTOCOL_VERSION, token=token)
-        decoder = FrameDecoder(PREAUTH_LIMITS)
-        send_frame(sock, initiator.hello())
-        proof = initiator.receive(read_frame(sock, decoder).body)
-        assert proof is not None
-        send_frame(sock, proof)
-        assert initiator.receive(read_frame(sock, decoder).body) is None and initiator.done
-    except BaseException:
-        sock.close()
-        raise
-    decoder.limits = FrameLimits()  # an authenticated peer's
-    return Wire(sock, decoder)
+    """A raw client connection authenticated with a user's token, not registered yet."""
+    return Wire(*authenticated_socket(address, token=token))
 
 
 # ====================================================================== tasks
