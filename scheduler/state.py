@@ -43,6 +43,7 @@ from .records import (
     WorkerRecord,
 )
 from .share import FairShare
+from .views import call_id, cluster_view
 
 __all__ = [  # the events and commands, for the state's users
     "MAX_NAME", "SHORT_BATCH", "call_id", "Close", "Command", "Event", "MessageReceived", "PeerConnected", "PeerDisconnected",
@@ -75,11 +76,6 @@ class SchedulerConfig:
 
 
 DEFAULT_CONFIG = SchedulerConfig()
-
-
-def call_id(call: CallRecord) -> str:
-    """A call's name for people (``jobsched status``, ``jobsched cancel``): unique in this scheduler's life."""
-    return f"{call.key[0]}-{call.key[1]}"
 
 
 class SchedulerState:
@@ -671,75 +667,8 @@ class SchedulerState:
 
     # ----------------------------------------------------------------- info
     def info(self, viewer: ClientRecord | None = None) -> dict[str, Any]:
-        """The cluster as ``viewer`` may see it: the admin (or None, the HTTP endpoints) sees
-        everything; a user sees the workers, their own calls and events, and everyone else's
-        use of the cluster summed as ``"(others)"``."""
-        calls = [
-            {"id": call_id(call), "user": call.user, "client": client.name, "running": len(call.running),
-             "queued": len(call.queue), "priority": call.priority}
-            for client in self.clients.values() for call in client.calls.values()
-        ]
-        users = self._users_info(calls)
-        events = list(self.events)
-        if viewer is not None and not viewer.admin:
-            me = viewer.user
-            calls = [c for c in calls if c["user"] == me]
-            events = [e for e in events if e["user"] in ("", me)]
-            others = [row for name, row in users.items() if name != me]
-            users = {me: users.get(me) or self._user_row(me, 0, 0)}
-            if others:
-                users["(others)"] = {key: sum(row[key] for row in others) if key not in ("weight", "max_slots") else 0
-                                     for key in others[0]}
-        return {
-            "viewer": {"user": "" if viewer is None else viewer.user, "admin": viewer is None or viewer.admin},
-            "users": users,
-            "calls": calls,
-            "address": self.config.address,
-            "workers": {
-                w.address: {
-                    "name": w.name,
-                    "address": w.address,
-                    "host": w.host,
-                    "pid": w.pid,
-                    "nthreads": w.nthreads,
-                    "running": len(w.running),
-                    "completed": w.completed,
-                    "memory": w.memory,
-                    "memory_limit": w.memory_limit,
-                    "status": w.status,
-                    **self.data.info(w.conn),
-                }
-                for w in self.workers.values()
-            },
-            "clients": len(self.clients),
-            "queued": sum(len(c.queue) for cl in self.clients.values() for c in cl.calls.values()),
-            "tasks": len(self.tasks),
-            "stale_results": self.stale_results,
-            "data_keys": len(self.data.records),
-            "running": sum(len(w.running) for w in self.workers.values()),
-            "slots": sum(w.nthreads for w in self.workers.values()),
-            "counters": dict(self.counters),
-            "events": events,
-        }
-
-    def _users_info(self, calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        queued: Counter[str] = Counter()
-        count: Counter[str] = Counter()
-        for call in calls:
-            queued[call["user"]] += call["queued"]
-            count[call["user"]] += 1
-        names = dict.fromkeys([*self.share.users, *(client.user for client in self.clients.values())])
-        return {name: self._user_row(name, queued[name], count[name]) for name in names}
-
-    def _user_row(self, name: str, queued: int, calls: int) -> dict[str, Any]:
-        user = self.share.peek(name)
-        busy = sum(u.running for u in self.share.users.values())
-        return {
-            "running": user.running, "queued": queued, "calls": calls,
-            "share": user.running / busy if busy else 0.0,
-            "usage_hour": user.usage_last_hour(), "usage": user.usage,
-            "weight": user.policy.weight, "max_slots": user.policy.max_slots,
-        }
+        """The cluster as ``viewer`` may see it (None: the admin's view); see ``views.py``."""
+        return cluster_view(self, viewer)
 
     def validate(self) -> None:
         """Check the invariants; tests call this after every step."""
