@@ -67,14 +67,20 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
     return result
 
 
-def _read_file(path: str, section: str, options: dict[str, argparse.Action]) -> dict[str, Any]:
+def read_toml(path: str, what: str, error: type[JobschedError]) -> dict[str, Any]:
+    """The TOML document in ``path``, or ``error`` naming ``what`` it is and the problem."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            data: dict[str, Any] = tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise error(f"{what} {path} is not valid TOML: {exc}") from None
+    return data
+
+
+def _read_file(path: str, section: str, options: dict[str, argparse.Action]) -> dict[str, Any]:
+    data = read_toml(path, "config file", ConfigError)
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key in SECTIONS:

@@ -20,17 +20,12 @@ import json
 import math
 import os
 import secrets
-import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .config import read_toml
 from .secret import SecretError, check_private
 from .tokens import TOKEN_FORM, new_token, token_user, valid_user_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 _KEYS = {"token", "weight", "max-slots"}
 
@@ -70,14 +65,7 @@ def read_users(path: str) -> Users:
     """The users in ``path``; UsersFileError naming the file and the problem."""
     hint = "; create it with jobsched-scheduler --users-file PATH --add-user NAME" if not os.path.lexists(path) else ""
     check_private(path, "users file", UsersFileError, hint)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise UsersFileError(f"cannot read users file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsersFileError(f"users file {path} is not valid TOML: {exc}") from None
-    return _parse(data, path)
+    return _parse(read_toml(path, "users file", UsersFileError), path)
 
 
 def _parse(data: dict[str, Any], path: str) -> Users:

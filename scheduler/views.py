@@ -35,7 +35,7 @@ def cluster_view(state: SchedulerState, viewer: ClientRecord | None = None) -> d
         calls = [c for c in calls if c["user"] == me]
         events = [e for e in events if e["user"] in ("", me)]
         others = [row for name, row in users.items() if name != me]
-        users = {me: users.get(me) or _user_row(state, me, 0, 0)}
+        users = {me: users.get(me) or _user_row(state, me, 0, 0, _busy(state))}
         if others:
             # policies are per person: their sum would mean nothing
             users[OTHERS] = {key: 0 if key in ("weight", "max_slots") else sum(row[key] for row in others)
@@ -80,12 +80,16 @@ def _users(state: SchedulerState, calls: list[dict[str, Any]]) -> dict[str, dict
         queued[call["user"]] += call["queued"]
         count[call["user"]] += 1
     names = dict.fromkeys([*state.share.users, *(client.user for client in state.clients.values())])
-    return {name: _user_row(state, name, queued[name], count[name]) for name in names}
+    busy = _busy(state)
+    return {name: _user_row(state, name, queued[name], count[name], busy) for name in names}
 
 
-def _user_row(state: SchedulerState, name: str, queued: int, calls: int) -> dict[str, Any]:
+def _busy(state: SchedulerState) -> int:
+    return sum(u.running for u in state.share.users.values())
+
+
+def _user_row(state: SchedulerState, name: str, queued: int, calls: int, busy: int) -> dict[str, Any]:
     user = state.share.peek(name)
-    busy = sum(u.running for u in state.share.users.values())
     return {
         "running": user.running, "queued": queued, "calls": calls,
         "share": user.running / busy if busy else 0.0,
