@@ -541,18 +541,26 @@ def test_fair_share_a_small_call_behind_another_users_three_calls_gets_its_half(
     first_wait = min(s.start for s in b) - submitted
     b_window = max(s.end for s in b) - min(s.start for s in b)
     b_share = sum(s.end - s.start for s in b) / (slots * b_window)
+    b_first, b_last = min(s.start for s in b), max(s.start for s in b)
+    alice_during = sum(1 for s in a_runs if b_first < s.start < b_last)
+    bob_during = b_tasks - 1
     print(f"\nFAIRSHARE B took {took:.2f} s, ideal {ideal:.2f} s, ratio {ratio:.2f} "
           f"(B's first task started {first_wait:.2f} s after submission; B held {b_share:.0%} of the {slots} slots "
-          f"while it ran; A had 3 calls of {per_call} x {TASK} s tasks)", flush=True)
+          f"while it ran, and {alice_during} of alice's tasks started while {bob_during} of his did; "
+          f"A had 3 calls of {per_call} x {TASK} s tasks)", flush=True)
     # the measurement means something only if A still had work queued when B was done
     assert max(s.start for s in a_runs) > max(s.end for s in b), "alice's work ran out before bob's call finished"
     # B's first batch takes the first slot that frees once it reaches the scheduler; on a loaded
     # machine it may arrive after the first round of slots frees, so count alice's starts
     # in between rather than time them: at most one per slot
-    b_first = min(s.start for s in b)
     overtaken = sum(1 for s in a_runs if submitted < s.start < b_first)
     assert overtaken <= slots, f"{overtaken} of alice's tasks started before bob's first (it waited {first_wait:.2f} s)"
-    assert ratio < 1.6, f"bob's call took {took:.2f} s against an ideal of {ideal:.2f} s on his fair share"
+    # his half, counted rather than timed (the wall-clock ratio above is a figure, not a check: a
+    # loaded machine stretches it): while bob had tasks waiting, the slots went to him and alice in
+    # turn, so she started about as many as he did; per-call round robin would give her three for
+    # each of his
+    assert alice_during <= bob_during + slots, (
+        f"alice started {alice_during} tasks while bob started {bob_during}: not half the slots each")
     assert len(a_runs) == 3 * per_call  # and alice's calls all completed, exactly
 
 
