@@ -12,9 +12,11 @@ import asyncio
 import logging
 import socket
 import ssl as ssl_module
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+from .admission import Admission
 from .errors import HandshakeError, ProtocolError, TLSError
 from .framing import DEFAULT_LIMITS, PREAUTH_LIMITS, Frame, FrameDecoder, FrameLimits, encode_frame
 from .handshake import AcceptorHandshake, InitiatorHandshake, Role, UserLookup
@@ -28,6 +30,9 @@ CloseHandler = Callable[["Connection", str], None]
 
 
 SCRATCH_SIZE = 256 * 1024
+# an accepting side stops handling a peer's messages while this much output to that peer is
+# queued and not yet taken by the transport, or while the transport is above its high-water mark
+OUTPUT_HOLD = 1 << 20
 _CLOSED_SCRATCH = memoryview(bytearray(64))  # get_buffer may still be called once after close
 
 
@@ -36,11 +41,29 @@ class Connection(asyncio.BufferedProtocol):
 
     A buffered protocol: while a large payload buffer arrives, the transport reads
     straight into it, so a 200 MB array is copied once on receipt, not twice.
+
+    On the accepting side (scheduler, worker data port) a peer's messages are handled only as
+    fast as the peer reads the replies: while its output is held up (``OUTPUT_HOLD``), what it
+    sent waits unhandled and its socket is not read, so a peer that sends requests and never
+    reads costs a bounded buffer, not an unbounded one; one that has read nothing for
+    ``stall_timeout`` seconds is disconnected.  Initiators always read, so two peers can never
+    wait on each other.  ``admission`` counts the connection from ``connection_made`` (with TLS:
+    once TLS is up) until it is authenticated or closed.
     """
 
-    def __init__(self, handshake: InitiatorHandshake | AcceptorHandshake, limits: FrameLimits) -> None:
+    def __init__(
+        self,
+        handshake: InitiatorHandshake | AcceptorHandshake,
+        limits: FrameLimits,
+        *,
+        admission: Admission | None = None,
+        stall_timeout: float | None = None,
+    ) -> None:
         self.handshake = handshake
         self.limits = limits
+        self._accepting = isinstance(handshake, AcceptorHandshake)
+        self._admission = admission
+        self._stall_timeout = stall_timeout
         self.decoder = FrameDecoder(PREAUTH_LIMITS)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -54,7 +77,11 @@ class Connection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._deadline: asyncio.TimerHandle | None = None
         self._early: list[Message] = []  # messages that arrived before handlers were set
-        self.refuse_reason = ""  # set before connection_made to refuse at once
+        self._backlog: deque[Frame] = deque()  # received, not handled while the output is held up
+        self._outbox_bytes = 0
+        self._write_paused = False
+        self._reading_paused = False
+        self._stall: asyncio.TimerHandle | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
         # small until the peer has authenticated: a stranger's connection must cost little
@@ -70,10 +97,10 @@ class Connection(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if self.refuse_reason:
-            log.warning("refusing %s: %s", self.peer, self.refuse_reason)
-            self.abort(self.refuse_reason)
-            return
+        if self._admission is not None:
+            source = str(peername[0]) if peername else "?"
+            for older in self._admission.admit(self, source):
+                cast(Connection, older).abort(f"too many unauthenticated connections (from {source} or in all)")
         self._deadline = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
         if isinstance(self.handshake, InitiatorHandshake):
             self._write_raw(encode_frame(self.handshake.hello()))
@@ -112,9 +139,19 @@ class Connection(asyncio.BufferedProtocol):
         self._handle_frames(frames)
 
     def _handle_frames(self, frames: list[Frame]) -> None:
+        if self._backlog:  # older frames wait: keep the order
+            self._backlog.extend(frames)
+            return
+        self._process(frames)
+
+    def _process(self, frames: list[Frame]) -> None:
         try:
-            for frame in frames:
+            for index, frame in enumerate(frames):
                 if self.closed:
+                    return
+                if self._output_held():
+                    self._backlog.extend(frames[index:])
+                    self._hold_reading()
                     return
                 if not self.handshake.done:
                     self._handshake_frame(frame.body)
@@ -133,10 +170,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection closed by peer")
-        self._mark_closed(reason)
-        if not self.authenticated.done():
-            self.authenticated.set_exception(exc if isinstance(exc, ConnectionError) else ConnectionError(reason))
+        if not self.authenticated.done() and isinstance(exc, ConnectionError):
+            self.authenticated.set_exception(exc)
             self.authenticated.exception()  # mark retrieved: the opener may have given up
+        self._mark_closed(reason)
         handler = self.on_close
         if handler is not None:
             self.on_close = None
@@ -153,11 +190,41 @@ class Connection(asyncio.BufferedProtocol):
         else:
             self.on_close = on_close
 
-    def pause_writing(self) -> None:  # flow control is left to the transport's buffer
-        pass
+    # ------------------------------------------------------------ flow control
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._stall_timeout is not None and self._stall is None:
+            self._stall = self._loop.call_later(self._stall_timeout, self._stalled)
 
     def resume_writing(self) -> None:
-        pass
+        self._write_paused = False
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        self._release_held()
+
+    def _output_held(self) -> bool:
+        return self._accepting and (self._write_paused or self._outbox_bytes > OUTPUT_HOLD)
+
+    def _hold_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _release_held(self) -> None:
+        """Handle what waited while the output was held up, then read again."""
+        if self.closed or self._output_held():
+            return
+        frames, self._backlog = list(self._backlog), deque()
+        self._process(frames)
+        if not self._backlog and self._reading_paused and not self.closed and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        unsent = self._outbox_bytes + (self.transport.get_write_buffer_size() if self.transport else 0)
+        self.abort(f"the peer has read nothing for {self._stall_timeout:.0f} s ({unsent} bytes unsent)")
 
     # ---------------------------------------------------------------- handshake
     def _handshake_frame(self, body: bytes) -> None:
@@ -201,7 +268,10 @@ class Connection(asyncio.BufferedProtocol):
         """Queue a message; queued messages are written together once per loop turn."""
         if self.closed:
             return
-        self._outbox.extend(encode(message))
+        pieces = encode(message)
+        self._outbox.extend(pieces)
+        if self._accepting:
+            self._outbox_bytes += sum(map(len, pieces))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -211,7 +281,10 @@ class Connection(asyncio.BufferedProtocol):
         if self._outbox and not self.closed and self.transport is not None:
             pieces, self._outbox = self._outbox, []
             self.bytes_sent += sum(map(len, pieces))  # pieces of encode_frame: len() is bytes
-            self.transport.writelines(pieces)
+            self._outbox_bytes = 0
+            self.transport.writelines(pieces)  # may call pause_writing
+            if self._backlog or self._reading_paused:
+                self._loop.call_soon(self._release_held)
 
     def _write_raw(self, pieces: Iterable[Any]) -> None:
         if self.transport is not None and not self.closed:
@@ -240,7 +313,14 @@ class Connection(asyncio.BufferedProtocol):
     def _mark_closed(self, reason: str) -> None:
         self.closed = True
         self._outbox = []
+        self._outbox_bytes = 0
+        self._backlog.clear()
         self._scratch = _CLOSED_SCRATCH
+        if not self.authenticated.done():  # whoever waits on it (the listener's count) learns at once
+            self.authenticated.set_exception(ConnectionError(reason))
+            self.authenticated.exception()  # mark retrieved: the opener may have given up
+        if self._stall is not None:
+            self._stall.cancel()
         # a failed handshake's stored exception references this object through its traceback:
         # drop it, so a refused connection is freed at once, not by the cycle collector
         if isinstance(self.handshake, AcceptorHandshake) and self.handshake.failure is not None:
@@ -302,24 +382,28 @@ async def start_server(
     *,
     ssl: ssl_module.SSLContext | None = None,
     limits: FrameLimits = DEFAULT_LIMITS,
-    max_unauthenticated: int = 256,
+    admission: Admission | None = None,
+    stall_timeout: float | None = None,
     users: UserLookup | None = None,
 ) -> asyncio.Server:
     """Listen; each connection that completes the handshake is passed to ``on_connection``
     (its ``handshake`` tells the role, user and admin flag it proved).  ``users`` looks a
-    user's token up by name, for each new connection: see ``AcceptorHandshake``."""
+    user's token up by name, for each new connection: see ``AcceptorHandshake``.
+
+    ``admission`` counts the connections not yet authenticated and says which to close when
+    a source or the listener is over its budget.  It counts a connection from the moment it
+    reaches the protocol: with TLS, once TLS is up, so a failed TLS handshake (a plain TCP
+    probe) is never counted; the loop itself closes one that does not finish TLS within
+    ``HANDSHAKE_TIMEOUT``.  ``stall_timeout``: see ``Connection``."""
     loop = asyncio.get_running_loop()
-    pending: set[Connection] = set()
+    budget = admission if admission is not None else Admission()
 
     def factory() -> Connection:
-        conn = Connection(AcceptorHandshake(secret, PROTOCOL_VERSION, accept_roles, users), limits)
-        if len(pending) >= max_unauthenticated:
-            conn.refuse_reason = "too many unauthenticated connections"
-            return conn
-        pending.add(conn)
+        conn = Connection(AcceptorHandshake(secret, PROTOCOL_VERSION, accept_roles, users), limits,
+                          admission=budget, stall_timeout=stall_timeout)
 
         def settled(fut: asyncio.Future[None]) -> None:
-            pending.discard(conn)
+            budget.release(conn)
             if not fut.cancelled() and fut.exception() is None:
                 on_connection(conn)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..protocol import AcceptorHandshake, Role
 from ..protocol import messages as m
+from ..protocol.admission import Admission
 from ..protocol.aio import Connection, start_server
 from ..runtime.users import Users, UsersFileError, read_users, revoked
 from .records import (
@@ -36,6 +37,7 @@ from .state import DEFAULT_CONFIG, SchedulerConfig, SchedulerState
 log = logging.getLogger("jobsched.scheduler")
 
 TICK_INTERVAL = 0.25
+INFO_PERIOD = 0.5  # a connection asking again within this gets the snapshot it got last
 HISTORY_INTERVAL = 1.0
 
 
@@ -68,6 +70,9 @@ class SchedulerServer:
         self.connections: dict[int, Connection] = {}
         self._next_conn = 1
         self._server: asyncio.Server | None = None
+        self.admission = Admission()  # the connections not yet authenticated, per source
+        self._generation = 0  # events dispatched: a snapshot taken since is current
+        self._info_cache: dict[object, tuple[int, float, dict[str, Any]]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self.address = ""
         self.dashboard = ""  # the HTTP status address, once started
@@ -80,7 +85,9 @@ class SchedulerServer:
     async def start(self) -> str:
         self._server = await start_server(
             self.host, self.port, self.secret, frozenset({Role.CLIENT, Role.WORKER}), self._on_connection, ssl=self.ssl,
-            users=self._token_of if self.users_file else None,
+            users=self._token_of if self.users_file else None, admission=self.admission,
+            # a peer that has read nothing for as long as a silent peer is given is as good as dead
+            stall_timeout=self.config.heartbeat_timeout,
         )
         sockname = self._server.sockets[0].getsockname()
         host = sockname[0]
@@ -180,11 +187,23 @@ class SchedulerServer:
         assert state is not None
         if type(message) is m.InfoRequest and (conn_id in state.clients or conn_id in state.workers):
             # the same view as /api/status, with what only the server knows (bytes, dashboard, history)
-            conn.send(m.InfoReply(message.request_id, self.snapshot(state.clients.get(conn_id))))
+            conn.send(m.InfoReply(message.request_id, self._info_for(conn_id, state.clients.get(conn_id))))
             return
         self._dispatch(MessageReceived(conn_id, message))
 
+    def _info_for(self, conn_id: int, viewer: ClientRecord | None) -> dict[str, Any]:
+        """A fresh snapshot, unless nothing happened since this connection's last one or it asks
+        again within ``INFO_PERIOD``: a peer polling in a loop costs one snapshot per period."""
+        now = time.monotonic()
+        cached = self._info_cache.get(conn_id)
+        if cached is not None and (cached[0] == self._generation or now - cached[1] < INFO_PERIOD):
+            return cached[2]
+        info = self.snapshot(viewer)
+        self._info_cache[conn_id] = (self._generation, now, info)
+        return info
+
     def _on_close(self, conn_id: int, reason: str) -> None:
+        self._info_cache.pop(conn_id, None)
         conn = self.connections.pop(conn_id, None)
         if conn is not None:
             log.debug("connection %s from %s closed: %s", conn_id, conn.peer, reason)
@@ -196,6 +215,7 @@ class SchedulerServer:
     def _dispatch(self, event: Event) -> None:
         assert self.state is not None
         started = time.perf_counter()
+        self._generation += 1
         commands = self.state.handle(event)
         executed = False
         for command in commands:
@@ -239,5 +259,7 @@ class SchedulerServer:
         info["events"] = [dict(event, time=event["time"] + offset) for event in info["events"]]
         info["time"] = time.time()
         info["dashboard"] = self.dashboard
+        info["unauthenticated"] = self.admission.pending
+        info["unauthenticated_evicted"] = self.admission.evicted
         info["history"] = list(self.history)
         return info
