@@ -24,6 +24,7 @@ import cloudpickle
 
 from ..protocol.errors import JobschedError
 from ..protocol.framing import Buffer
+from .pickle_check import check_pickle
 
 OUT_OF_BAND_MIN = 64 * 1024
 OUT_OF_BAND_MAX = 512  # well under FrameLimits.max_buffers, leaving room for a message's own frames
@@ -50,10 +51,20 @@ def dumps(obj: Any, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Buffer]:
     return [stream, *buffers]
 
 
-def loads(frames: Sequence[Buffer]) -> Any:
+def loads(frames: Sequence[Buffer], what: str = "the payload's pickle") -> Any:
+    """Unpickle ``dumps``' frames, once ``check_pickle`` has passed the stream (``what``
+    names it in the error)."""
     if not frames:
-        raise ValueError("empty payload")
-    return pickle.loads(frames[0], buffers=frames[1:])
+        raise ValueError(f"empty payload: {what} is missing")
+    check_pickle(frames[0], what)
+    return _unpickle(frames[0], frames[1:], what)
+
+
+def _unpickle(stream: Buffer, buffers: Sequence[Buffer], what: str) -> Any:
+    try:
+        return pickle.loads(stream, buffers=buffers)
+    except pickle.UnpicklingError as exc:  # a malformed stream; what user code raises keeps its type
+        raise pickle.UnpicklingError(f"{what} could not be unpickled: {exc}") from exc
 
 
 def call_by_name(module: str, name: str, *args: Any) -> Any:
@@ -62,9 +73,14 @@ def call_by_name(module: str, name: str, *args: Any) -> Any:
     return getattr(importlib.import_module(module), name)(*args)
 
 
-def loads_readonly(frames: Sequence[Buffer]) -> Any:
-    """Unpickle shared data: arrays built on the received buffers are read-only views, no copy."""
-    return pickle.loads(frames[0], buffers=[memoryview(b).toreadonly() for b in frames[1:]])
+def loads_readonly(frames: Sequence[Buffer], what: str = "the data's pickle", *, checked: bool = False) -> Any:
+    """Unpickle shared data: arrays built on the received buffers are read-only views, no copy.
+    ``checked``: the stream passed ``check_pickle`` already (when it was stored)."""
+    if not frames:
+        raise ValueError(f"empty payload: {what} is missing")
+    if not checked:
+        check_pickle(frames[0], what)
+    return _unpickle(frames[0], [memoryview(b).toreadonly() for b in frames[1:]], what)
 
 
 class RemoteError(JobschedError):
@@ -131,10 +147,12 @@ class _Rebuilt:
 
 def load_exception(frames: Sequence[Buffer]) -> BaseException:
     """Rebuild a task's exception, with the remote traceback attached as its cause."""
+    check_pickle(frames[0], "the task error's pickle")
     record = pickle.loads(frames[0])
     exc: BaseException | None = None
     if record.get("exception") is not None:
         try:
+            check_pickle(record["exception"], "the task exception's pickle")
             exc = pickle.loads(record["exception"])
         except Exception:  # noqa: BLE001 - a user exception may fail to unpickle any way: rebuilt from text below
             exc = None

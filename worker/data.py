@@ -62,7 +62,7 @@ class DataService:
         the bytes held.  Raises if they cannot be unpickled here."""
         try:
             with UNPICKLING:
-                loads_readonly(frames)  # fail now, with a clear error, rather than in every task
+                loads_readonly(frames, "the scattered data's pickle")  # fail now, with a clear error, rather than in every task
         except BaseException:
             if segment is not None:
                 segment.unlink()

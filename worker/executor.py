@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..payload.context import CallContext
+from ..payload.pickle_check import check_pickle
 from ..payload.serialize import dump_exception, dumps
 from ..protocol import messages as m
 from .capture import CaptureOptions, capturing
@@ -66,6 +67,7 @@ def _context(blob: bytes) -> _Context:
     last = _parsed
     if last is not None and last[0] == blob:
         return last[1]
+    check_pickle(blob, "the batch's context pickle")
     call = pickle.loads(blob)
     if not isinstance(call, CallContext):
         raise TypeError(f"a batch's context must be a CallContext, not {type(call).__name__}")

@@ -36,7 +36,7 @@ def resolve_scattered(key: str) -> Any:
         frames = DATA_STORE[key]
     except KeyError:
         raise LookupError(f"scattered data {key!r} is not held by this worker") from None
-    obj = loads_readonly(frames)
+    obj = loads_readonly(frames, checked=True)  # by DataService.store, the only way into DATA_STORE
     if cache is not None:
         cache[key] = obj
     return obj
@@ -46,6 +46,6 @@ def loads_batch(frames: Sequence[Buffer]) -> Any:
     """``loads`` for a batch, resolving each scattered key it refers to once."""
     _batch.objects = {}
     try:
-        return loads(frames)
+        return loads(frames, "the batch's pickle")
     finally:
         _batch.objects = None
