@@ -1,4 +1,7 @@
-"""Bounded decoding (protocol/messages.py): a control message of up to 16 MiB, crafted so that
+"""Bounded decoding (protocol/messages.py), and the range checks of what the scheduler stores
+(scheduler/state.py).
+
+Decoding: a control message of up to 16 MiB, crafted so that
 msgpack would build far more Python objects than it has bytes, is refused before it is built,
 or decoded within DECODE_AMPLIFICATION times its size; every real message still decodes.
 
@@ -15,6 +18,16 @@ from support import SchedulerSim, message_bytes
 
 from jobsched.protocol import Frame, FrameDecoder, FrameLimits, MalformedMessage
 from jobsched.protocol import messages as m
+from jobsched.scheduler.records import CLIENT, WORKER
+from jobsched.scheduler.state import (
+    MAX_KEYS_PER_BATCH,
+    MAX_NAME,
+    MAX_NTHREADS,
+    MAX_REF,
+    Close,
+    PeerConnected,
+    Send,
+)
 
 MAX_BODY = FrameLimits().max_body
 
@@ -177,3 +190,115 @@ def test_every_message_shape_is_derived_from_its_fields():
     assert shapes["heartbeat"] == (1, False, m.DECODE_AMPLIFICATION)
     assert shapes["data-release"] == (2, False, m.DECODE_AMPLIFICATION)
     assert sum(maps for _, maps, _ in shapes.values()) == 1  # only InfoReply carries a free-form map
+
+
+# ------------------------------------------------- what the scheduler stores (state.py)
+
+
+def registered_worker(sim: SchedulerSim, conn: int, msg: m.RegisterWorker) -> list:
+    sim(PeerConnected(conn, f"tcp://10.0.1.{conn}:41000", WORKER, "root", True))
+    return sim.msg(conn, msg)
+
+
+def executes(out: list) -> list[m.Execute]:
+    return [c.message for c in out if isinstance(c, Send) and isinstance(c.message, m.Execute)]
+
+
+def test_a_worker_claiming_a_billion_threads_is_refused_and_takes_nothing():
+    sim = SchedulerSim()
+    sim.client(1)
+    for batch in range(20):
+        assert sim.msg(1, m.SubmitBatch(batch, 1, "fit", 0, (b"x",))) == []
+    out = registered_worker(sim, 2, m.RegisterWorker("greedy", 10**9))
+    assert out == [Close(2, f"nthreads must be between 1 and {MAX_NTHREADS}")]
+    assert sim.state.workers == {} and not executes(out)
+    fair = sim.worker(3, "fair", nthreads=4)  # a real worker still gets its slots' worth, and no more
+    assert len(executes(fair)) == 4
+
+
+def test_max_nthreads_is_the_scheduler_s_to_choose():
+    sim = SchedulerSim(max_nthreads=8)
+    assert registered_worker(sim, 1, m.RegisterWorker("w", 9)) == [Close(1, "nthreads must be between 1 and 8")]
+    assert sim.worker(2, "w2", nthreads=8) == []
+    assert SchedulerSim().worker(1, "big", nthreads=MAX_NTHREADS) == []
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"pid": -1}, "pid must be between"),
+    ({"pid": 2**40}, "pid must be between"),
+    ({"memory_limit": -1}, "memory_limit must be between"),
+    ({"memory_limit": 2**63}, "memory_limit must be between"),
+    ({"data_address": "tcp://" + "h" * 400 + ":1"}, "data_address must be at most"),
+    ({"share_domain": "d" * (MAX_NAME + 1)}, "share_domain must be at most"),
+    ({"running": ["s" * (MAX_REF + 1)]}, "a batch ref must be at most"),
+])
+def test_worker_fields_scheduling_depends_on_are_refused_out_of_range(change, reason):
+    fields = {"name": "w", "nthreads": 2, "pid": 10, "host": "h", "memory_limit": 2**30, "data_address": "tcp://h:1",
+              "share_domain": "d", "running": [], **change}
+    out = registered_worker(SchedulerSim(), 1, m.RegisterWorker(**fields))
+    assert len(out) == 1 and isinstance(out[0], Close) and out[0].reason.startswith(reason), out
+
+
+def test_names_for_display_are_cut_not_refused():
+    sim = SchedulerSim()
+    sim(PeerConnected(1, "tcp://10.0.0.1:1", CLIENT, "ann", True))
+    sim.msg(1, m.RegisterClient("n" * 10_000, 5, "h" * 10_000, "session"))
+    assert len(sim.state.clients[1].name) == MAX_NAME and len(sim.state.clients[1].host) == MAX_NAME
+    sim.msg(1, m.SubmitBatch(1, 1, "f" * 10_000, 0, (b"x",)))
+    (execute,) = executes(sim.worker(2, "w" * 10_000))
+    assert execute.func_name == "f" * MAX_NAME
+    assert sim.state.workers[2].name == "w" * MAX_NAME
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"session": "s" * (MAX_NAME + 1)}, "session must be at most"),
+    ({"pid": -5}, "pid must be between"),
+])
+def test_client_fields_are_refused_out_of_range(change, reason):
+    sim = SchedulerSim()
+    sim(PeerConnected(1, "tcp://10.0.0.1:1", CLIENT, "ann", True))
+    out = sim.msg(1, m.RegisterClient(**{"name": "c", "pid": 5, "host": "h", "session": "s", **change}))
+    assert len(out) == 1 and isinstance(out[0], Close) and out[0].reason.startswith(reason), out
+    assert sim.state.clients == {}
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"keys": [f"k{i}" for i in range(MAX_KEYS_PER_BATCH + 1)]}, "a batch may name at most"),
+    ({"keys": ["k" * 201]}, "data keys must be at most"),
+    ({"priority": 2**31}, "priority must be between"),
+    ({"priority": -(2**31) - 1}, "priority must be between"),
+])
+def test_a_batch_out_of_range_closes_its_client(change, reason):
+    sim = SchedulerSim()
+    sim.client(1)
+    sim.msg(1, m.SubmitBatch(1, 7, "fit", 0, (b"x",)))  # queued before: dropped with the client
+    out = sim.msg(1, m.SubmitBatch(**{"batch_id": 2, "call_id": 7, "func_name": "fit", "frames": (b"x",), **change}))
+    assert len(out) == 1 and isinstance(out[0], Close) and out[0].reason.startswith(reason), out
+    assert sim.state.clients == {} and sim.state.tasks == {}
+    assert executes(sim.worker(2, "w")) == []
+
+
+@pytest.mark.parametrize("duration", [float("nan"), float("inf"), -1e300, 1e300])
+def test_a_reported_duration_never_spoils_the_fair_share(duration):
+    sim = SchedulerSim()
+    sim.client(1)
+    sim.msg(1, m.SubmitBatch(1, 1, "fit", 0, (b"x",)))
+    (execute,) = executes(sim.worker(2, "w"))
+    sim.msg(2, m.TaskDone(execute.task_id, execute.attempt, m.OK, duration, (b"r",)))
+    usage = sim.state.share.peek("ann").usage
+    assert 0.0 <= usage <= 1e7, usage
+
+
+def test_reported_memory_is_clamped():
+    sim = SchedulerSim()
+    sim.worker(1, "w")
+    sim.msg(1, m.Heartbeat(-(2**63)))
+    assert sim.state.workers[1].memory == 0
+
+
+def test_a_recovered_batch_with_an_absurd_ref_closes_its_worker():
+    sim = SchedulerSim()
+    sim.worker(1, "w")
+    out = sim.msg(1, m.Recovered("r" * (MAX_REF + 1), m.OK, 1.0, (b"r",)))
+    assert out == [Close(1, f"a batch ref must be at most {MAX_REF} characters")]
+    assert sim.state.workers == {} and sim.state.recovered == {}
