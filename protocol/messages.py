@@ -66,6 +66,7 @@ _NAMES: dict[type[Message], tuple[str, ...]] = {}
 _EXACT: dict[type[Message], tuple[type | None, ...]] = {}  # per wire field: see _exact_type
 _GETTERS: dict[type[Message], Callable[[Message], tuple[Any, ...]]] = {}  # a message's wire fields, in order
 _FRAMES_AT: dict[type[Message], int] = {}  # position of ``frames`` among the constructor's arguments
+_SHAPES: dict[type[Message], tuple[int, bool, int]] = {}  # see _shape
 
 
 def _exact_type(tp: Any) -> type | None:
@@ -124,6 +125,7 @@ def message(op: str) -> Callable[[type[M]], type[M]]:
         if "frames" in names:
             _FRAMES_AT[cls] = names.index("frames")
         _REGISTRY[op] = cls
+        _SHAPES[cls] = _shape(cls)
         return cls
 
     return register
@@ -137,20 +139,17 @@ def encode(msg: Message) -> list[Buffer]:
 
 def decode(frame: Frame) -> Message:
     """Decode and validate one frame; raises MalformedMessage on anything unexpected."""
+    body = frame.body
+    cls = _message_class(body)
+    shape = _SHAPES[cls]
+    if len(body) > WALK_MIN or shape[1]:  # an Info field nests as deep as it likes
+        _check_structure(body, *shape)
     try:
-        items = msgpack.unpackb(frame.body, raw=False, use_list=True, strict_map_key=True)
+        items = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise MalformedMessage(f"undecodable msgpack body: {exc}") from None
-    if type(items) is not list or not items or type(items[0]) is not str:
-        raise MalformedMessage("message body is not [op, ...]")
-    cls = _REGISTRY.get(items[0])
-    if cls is None:
-        raise MalformedMessage(f"unknown op {items[0][:40]!r}")
-    fields = _FIELDS[cls]
-    if len(items) != len(fields) + 1:
-        raise MalformedMessage(f"{cls.op}: expected {len(fields)} fields, got {len(items) - 1}")
-    del items[0]
-    for (name, check), exact, value in zip(fields, _EXACT[cls], items, strict=True):
+    del items[0]  # the op: _message_class read it
+    for (name, check), exact, value in zip(_FIELDS[cls], _EXACT[cls], items, strict=True):
         if type(value) is not exact and not check(value):
             raise MalformedMessage(f"{cls.op}: field {name!r} has invalid type {type(value).__name__}")
     frames_at = _FRAMES_AT.get(cls)
@@ -159,6 +158,150 @@ def decode(frame: Frame) -> Message:
     elif frame.buffers:
         raise MalformedMessage(f"{cls.op}: carries no buffers")
     return cls(*items)  # positional: the fields in declaration order
+
+
+def _message_class(body: bytes) -> type[Message]:
+    """The class of the message a body holds, read from its first bytes before anything is
+    decoded, so that its limits are known.  ``encode`` always writes ``[op, field...]`` as a
+    fixarray (at most 15 items) whose first item is a fixstr (ops are short)."""
+    if len(body) < 2 or not 0x91 <= body[0] <= 0x9F or not 0xA0 <= body[1] <= 0xBF:
+        raise MalformedMessage("message body is not [op, ...]")
+    op = body[2 : 2 + (body[1] & 0x1F)].decode("utf-8", "replace")
+    cls = _REGISTRY.get(op)
+    if cls is None:
+        raise MalformedMessage(f"unknown op {op!r}")
+    fields = len(_FIELDS[cls])
+    if (body[0] & 0x0F) != fields + 1:
+        raise MalformedMessage(f"{cls.op}: expected {fields} fields, got {(body[0] & 0x0F) - 1}")
+    return cls
+
+
+# ------------------------------------------------------------- bounded decoding
+# msgpack builds a Python object for each element it reads, and an element of one byte on the
+# wire (an empty array or map, a small negative int) becomes 28 to 72 bytes of Python: a body
+# of 16 MiB (FrameLimits.max_body) of empty arrays would cost over 1 GiB.  So before a body
+# longer than WALK_MIN is decoded, its raw structure is walked without building anything: its
+# nesting must fit its message's fields (no map but in an Info field), and what decoding would
+# allocate, estimated per element from CPython's object sizes, must stay within
+# DECODE_AMPLIFICATION times its size (INFO_AMPLIFICATION for an Info field's free-form
+# status) plus DECODE_SLACK, and within MAX_DECODE_COST.  A shorter body costs at most 72
+# times WALK_MIN (1.2 MiB), whatever it holds.
+WALK_MIN = 16 * 2**10
+DECODE_AMPLIFICATION = 3  # lists of keys cost 2.6 times their size, of batch refs (~20 characters) 3.7
+INFO_AMPLIFICATION = 16  # a 1000-worker InfoReply: CPython takes 4.3 times its size, estimated 8.6
+DECODE_SLACK = 2**20  # for the few thousand short strings a worker's refs or a batch's keys may be
+MAX_DECODE_COST = 48 * 2**20  # 3 x the largest body
+INFO_MAX_DEPTH = 16  # nesting inside an Info field (the scheduler's own is at most 4 deep)
+
+_INT, _SCALAR, _STR, _BIN, _ARRAY, _MAP, _INVALID = range(7)  # _SCALAR: nil, bool, float
+SLOT = 8  # the pointer to each element in its list or dict
+
+
+def _lead_bytes() -> list[tuple[int, int, int]]:
+    """Per first byte of a msgpack element: (kind, bytes of its header, a fixed value): for an
+    int or scalar its Python cost, for a fix-sized str, array or map its length, else -1."""
+    table = [(_INVALID, 1, -1)] * 256
+    for b in range(0x00, 0x80):
+        table[b] = (_INT, 1, SLOT)  # positive fixint: CPython caches -5..256
+    for b in range(0xE0, 0x100):
+        table[b] = (_INT, 1, SLOT + (0 if b >= 0xFB else 28))  # negative fixint
+    for b in range(0x80, 0x90):
+        table[b] = (_MAP, 1, b & 0x0F)
+    for b in range(0x90, 0xA0):
+        table[b] = (_ARRAY, 1, b & 0x0F)
+    for b in range(0xA0, 0xC0):
+        table[b] = (_STR, 1, b & 0x1F)
+    table[0xC0] = table[0xC2] = table[0xC3] = (_SCALAR, 1, SLOT)  # nil, false, true: singletons
+    table[0xCA], table[0xCB] = (_SCALAR, 5, SLOT + 24), (_SCALAR, 9, SLOT + 24)  # floats
+    table[0xCC] = (_INT, 2, SLOT)  # uint 8: cached
+    for b, size in ((0xCD, 3), (0xCE, 5), (0xCF, 9), (0xD0, 2), (0xD1, 3), (0xD2, 5), (0xD3, 9)):
+        table[b] = (_INT, size, SLOT + 36)  # other ints
+    for b, size in ((0xD9, 2), (0xDA, 3), (0xDB, 5)):
+        table[b] = (_STR, size, -1)
+    for b, size in ((0xC4, 2), (0xC5, 3), (0xC6, 5)):
+        table[b] = (_BIN, size, -1)
+    table[0xDC], table[0xDD] = (_ARRAY, 3, -1), (_ARRAY, 5, -1)
+    table[0xDE], table[0xDF] = (_MAP, 3, -1), (_MAP, 5, -1)
+    return table  # ext types (never ours) and 0xc1 (never used) stay invalid
+
+
+_LEAD = _lead_bytes()
+
+
+def _check_structure(body: bytes, max_depth: int, maps: bool, amplification: int) -> int:
+    """Walk ``body``'s msgpack elements without building them; MalformedMessage if it nests
+    deeper than ``max_depth`` containers, holds a map when ``maps`` is false, announces more
+    elements than it has bytes, or would cost more than ``amplification`` times its size (plus
+    DECODE_SLACK, and at most MAX_DECODE_COST).  Returns the estimated cost of decoding it."""
+    end = len(body)
+    budget = min(amplification * end + DECODE_SLACK, MAX_DECODE_COST)
+    cost = 0
+    pos = 0
+    left = [1]  # elements still to read: the body's one, then in each open container
+    while left:
+        if not left[-1]:
+            left.pop()
+            continue
+        left[-1] -= 1
+        if pos >= end:
+            raise MalformedMessage("undecodable msgpack body: truncated")
+        kind, header, fixed = _LEAD[body[pos]]
+        if kind <= _SCALAR:
+            if kind == _SCALAR and not maps and len(left) > 2:  # in a list field: list[str] or list[int]
+                raise MalformedMessage(f"{_op_of(body)}: a list field holds a 0x{body[pos]:02x}")
+            pos += header
+            cost += fixed
+            if cost > budget:
+                _too_costly(body, budget)
+            continue
+        length = fixed if fixed >= 0 else int.from_bytes(body[pos + 1 : pos + header], "big")
+        pos += header
+        if kind == _STR or kind == _BIN:
+            if length > 1:  # "" and one ASCII character are cached
+                ascii_ = kind == _BIN or body[pos : pos + length].isascii()
+                cost += 49 + length if ascii_ else 80 + 4 * length  # non-ASCII may take 4 bytes a character
+            cost += SLOT
+            pos += length
+        elif kind == _INVALID:
+            raise MalformedMessage(f"undecodable msgpack body: type 0x{body[pos - header]:02x} is not allowed")
+        else:
+            if kind == _MAP:
+                if not maps:
+                    raise MalformedMessage(f"{_op_of(body)}: a map where this message has none")
+                cost += 64 + 32 * length
+                length *= 2
+            else:
+                cost += 56
+            cost += SLOT
+            if length > end - pos:  # each element takes a byte at least
+                raise MalformedMessage(f"undecodable msgpack body: a container announces {length} elements")
+            if len(left) > max_depth:
+                raise MalformedMessage(f"{_op_of(body)}: nested deeper than {max_depth} containers")
+            left.append(length)
+        if cost > budget:
+            _too_costly(body, budget)
+    if pos != end:
+        raise MalformedMessage("undecodable msgpack body: trailing data")
+    return cost
+
+
+def _too_costly(body: bytes, budget: int) -> None:
+    raise MalformedMessage(f"{_op_of(body)}: decoding its {len(body)} bytes would take over {budget} bytes of memory")
+
+
+def _op_of(body: bytes) -> str:
+    """The op of a body that _message_class accepted."""
+    return body[2 : 2 + (body[1] & 0x1F)].decode("utf-8", "replace")
+
+
+def _shape(cls: type[Message]) -> tuple[int, bool, int]:
+    """The limits of ``_check_structure`` for a body of ``cls``, from its fields: how many
+    containers it may nest, whether it may hold maps, its amplification."""
+    hints = typing.get_type_hints(cls)
+    kinds = [typing.get_origin(hints[name]) or hints[name] for name in _NAMES[cls]]
+    if dict in kinds:
+        return 1 + INFO_MAX_DEPTH, True, INFO_AMPLIFICATION
+    return (2 if list in kinds else 1), False, DECODE_AMPLIFICATION
 
 
 def registry() -> dict[str, type[Message]]:

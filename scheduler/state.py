@@ -15,12 +15,13 @@ that has been running on ``max_deaths`` workers when they died fails with a
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
 from ..protocol import messages as m
-from .data import DataDirectory, Sender
+from .data import MAX_KEY_LENGTH, DataDirectory, Sender
 from .records import (
     CLIENT,
     SHORT_BATCH,
@@ -46,11 +47,24 @@ from .share import FairShare
 from .views import call_id, cluster_view
 
 __all__ = [  # the events and commands, for the state's users
-    "MAX_NAME", "SHORT_BATCH", "call_id", "Close", "Command", "Event", "MessageReceived", "PeerConnected", "PeerDisconnected",
-    "SchedulerConfig", "SchedulerState", "Send", "Ticked",
+    "MAX_NAME", "MAX_NTHREADS", "SHORT_BATCH", "call_id", "Close", "Command", "Event", "MessageReceived", "PeerConnected",
+    "PeerDisconnected", "SchedulerConfig", "SchedulerState", "Send", "Ticked",
 ]
 
+# What peers tell about themselves is checked before it is stored: what is only shown (names,
+# hosts, function names) is cut to MAX_NAME characters; what scheduling or recovery depends on
+# (threads, refs, keys, priorities, addresses, domains) is refused out of range, and the peer's
+# connection closed with a reason saying which bound it broke.  Measurements (memory, durations)
+# are clamped: they are reports, not claims.
 MAX_NAME = 200  # peers name themselves: keep what we store and report bounded
+MAX_NTHREADS = 4096  # slots one worker may claim (SchedulerConfig.max_nthreads): more would take every queued batch
+MAX_ADDRESS = 300  # a worker's data address: "tcp://" or "tls://", a host name or [IPv6 address], a port
+MAX_REF = 2 * MAX_NAME + 24  # "<client session>/<batch id>"
+MAX_KEYS_PER_BATCH = 10_000  # scattered objects one batch may name
+MAX_PID = 2**32 - 1
+MAX_MEMORY = 2**62  # bytes: far above any machine, far below a float's exact range
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)  # what the client accepts (client/backend.py)
+MAX_DURATION = 10.0**7  # seconds (16 weeks): a batch's reported run time, as the fair share counts it
 UNCLAIMED = float("inf")  # an orphan's arrival once it has been cancelled for want of a claim
 
 
@@ -73,9 +87,55 @@ class SchedulerConfig:
     # wait behind another one, so the load stays balanced at the end of a call.
     prefetch: bool = False
     usage_half_life: float = 3600.0  # seconds for a user's past usage to count half: see share.py
+    max_nthreads: int = MAX_NTHREADS  # a worker claiming more slots is refused
 
 
 DEFAULT_CONFIG = SchedulerConfig()
+
+
+def worker_registration_problem(msg: m.RegisterWorker, max_nthreads: int) -> str:
+    """Why a worker's registration is refused ("" if it is not)."""
+    if msg.nthreads < 1:
+        return "nthreads must be at least 1"
+    if msg.nthreads > max_nthreads:
+        return f"nthreads must be between 1 and {max_nthreads}"
+    if not 0 <= msg.pid <= MAX_PID:
+        return f"pid must be between 0 and {MAX_PID}"
+    if not 0 <= msg.memory_limit <= MAX_MEMORY:
+        return f"memory_limit must be between 0 and {MAX_MEMORY} bytes"
+    if len(msg.data_address) > MAX_ADDRESS:
+        return f"data_address must be at most {MAX_ADDRESS} characters"
+    if len(msg.share_domain) > MAX_NAME:
+        return f"share_domain must be at most {MAX_NAME} characters"
+    if any(len(ref) > MAX_REF for ref in msg.running):
+        return f"a batch ref must be at most {MAX_REF} characters"
+    return ""
+
+
+def client_registration_problem(msg: m.RegisterClient) -> str:
+    """Why a client's registration is refused ("" if it is not)."""
+    if not 0 <= msg.pid <= MAX_PID:
+        return f"pid must be between 0 and {MAX_PID}"
+    if len(msg.session) > MAX_NAME:  # it names the client's batches across restarts: never cut it
+        return f"session must be at most {MAX_NAME} characters"
+    return ""
+
+
+def submit_problem(msg: m.SubmitBatch) -> str:
+    """Why a batch is refused, and its client disconnected ("" if it is not)."""
+    if len(msg.keys) > MAX_KEYS_PER_BATCH:
+        return f"a batch may name at most {MAX_KEYS_PER_BATCH} scattered objects, not {len(msg.keys)}"
+    if any(len(key) > MAX_KEY_LENGTH for key in msg.keys):
+        return f"data keys must be at most {MAX_KEY_LENGTH} characters"
+    if not PRIORITY_RANGE[0] <= msg.priority <= PRIORITY_RANGE[1]:
+        return f"priority must be between {PRIORITY_RANGE[0]} and {PRIORITY_RANGE[1]}"
+    return ""
+
+
+def reported_duration(seconds: float) -> float:
+    """A batch's run time as its worker reported it, in range: the fair share adds it up, and
+    one NaN would make a user's usage NaN for good."""
+    return min(max(seconds, 0.0), MAX_DURATION) if math.isfinite(seconds) else 0.0
 
 
 class SchedulerState:
@@ -146,7 +206,12 @@ class SchedulerState:
             case m.RegisterWorker() if peer is not None and peer.role == WORKER:
                 self._register_worker(conn, msg, out)
             case m.RegisterClient() if peer is not None and peer.role == CLIENT:
-                client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME], msg.session[:MAX_NAME],
+                problem = client_registration_problem(msg)
+                if problem:
+                    out.append(Close(conn, problem))
+                    self.addresses.pop(conn, None)
+                    return
+                client = ClientRecord(conn, msg.name[:MAX_NAME], msg.pid, msg.host[:MAX_NAME], msg.session,
                                       self.now, resumed=msg.resumed, user=peer.user, admin=peer.admin)
                 self.clients[conn] = client
                 self._log_event("client-connected", f"{client.name} of {client.user} (pid {client.pid} on {client.host})",
@@ -167,7 +232,7 @@ class SchedulerState:
             case m.TaskDone():
                 self._on_task_done(worker, msg, out)
             case m.Heartbeat():
-                worker.memory = msg.memory
+                worker.memory = min(max(msg.memory, 0), MAX_MEMORY)
             case m.NeedData():
                 self.data.need(conn, msg.key, msg.from_owner, self._sender(out), msg.shared)
             case m.DataStored():
@@ -214,17 +279,19 @@ class SchedulerState:
     def _register_worker(self, conn: ConnId, msg: m.RegisterWorker, out: list[Command]) -> None:
         address = self.addresses.get(conn, f"conn-{conn}")
         name = (msg.name or address)[:MAX_NAME]
-        if msg.nthreads < 1 or any(w.name == name for w in self.workers.values()):
-            reason = "nthreads must be at least 1" if msg.nthreads < 1 else f"a worker named {name!r} is already registered"
+        reason = worker_registration_problem(msg, self.config.max_nthreads)
+        if not reason and any(w.name == name for w in self.workers.values()):
+            reason = f"a worker named {name!r} is already registered"
+        if reason:
             out.append(Close(conn, reason))
             self.addresses.pop(conn, None)
             return
         worker = WorkerRecord(conn, address, name, msg.nthreads, msg.host[:MAX_NAME], msg.pid, msg.memory_limit, self.now)
         self.workers[conn] = worker
-        for ref in msg.running[: 2 * msg.nthreads]:
-            self._adopt(worker, ref[:MAX_NAME])
+        for ref in msg.running[: 2 * msg.nthreads]:  # it may run as many (prefetched), no more
+            self._adopt(worker, ref)
         self._place(worker)
-        self.data.worker_joined(conn, msg.data_address, msg.share_domain[:MAX_NAME])
+        self.data.worker_joined(conn, msg.data_address, msg.share_domain)
         self.counters["workers_joined"] += 1
         threads = f"{msg.nthreads} thread{'s' if msg.nthreads != 1 else ''}"
         earlier = f"; {len(msg.running)} batches from before" if msg.running else ""
@@ -254,7 +321,7 @@ class SchedulerState:
         if task is None or task.worker != worker.conn or task.attempt != msg.attempt:
             self.stale_results += 1  # a late result of a lost or cancelled attempt
             return
-        self._finish(worker, task, msg.status, msg.duration, msg.frames, out)
+        self._finish(worker, task, msg.status, reported_duration(msg.duration), msg.frames, out)
 
     def _finish(self, worker: WorkerRecord, task: TaskRecord, status: str, duration: float, frames: m.Frames,
                 out: list[Command]) -> None:
@@ -306,6 +373,10 @@ class SchedulerState:
 
     def _on_recovered(self, worker: WorkerRecord, msg: m.Recovered, out: list[Command]) -> None:
         ref = msg.ref
+        if len(ref) > MAX_REF:
+            out.append(Close(worker.conn, f"a batch ref must be at most {MAX_REF} characters"))
+            self._on_disconnect(worker.conn, out)
+            return
         if ref in worker.orphans:  # its slot is free again
             del worker.orphans[ref]
             del self.orphan_of[ref]
@@ -318,7 +389,7 @@ class SchedulerState:
                 self.recovered[ref] = (msg, self.now)  # its client may resubmit it yet
             return
         if task.adopted and task.worker == worker.conn:
-            self._finish(worker, task, msg.status, msg.duration, msg.frames, out)
+            self._finish(worker, task, msg.status, reported_duration(msg.duration), msg.frames, out)
             return
         if task.cancelled:
             return
@@ -449,6 +520,11 @@ class SchedulerState:
 
     # -------------------------------------------------------------- clients
     def _on_submit(self, client: ClientRecord, msg: m.SubmitBatch, out: list[Command]) -> None:
+        problem = submit_problem(msg)
+        if problem:
+            out.append(Close(client.conn, problem))
+            self._on_disconnect(client.conn, out, problem)
+            return
         if msg.keys and not self._may_read(client, msg.keys):
             reason = "the batch names data scattered by another user: a task reads only its own user's data"
             out.append(Send(client.conn, m.BatchDone(msg.batch_id, m.FAILED, "", reason)))
@@ -462,7 +538,7 @@ class SchedulerState:
                 call.held = True
                 self.held_calls.append(call)
         ref = f"{client.session}/{msg.batch_id}" if client.session else ""
-        task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name, msg.frames, self.now, msg.keys,
+        task = TaskRecord(self._next_task_id, call.key, msg.batch_id, msg.func_name[:MAX_NAME], msg.frames, self.now, msg.keys,
                           ref=ref, user=client.user)
         self.counters["submitted"] += 1
         self._next_task_id += 1
