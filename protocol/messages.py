@@ -190,7 +190,7 @@ WALK_MIN = 16 * 2**10
 DECODE_AMPLIFICATION = 3  # lists of keys cost 2.6 times their size, of batch refs (~20 characters) 3.7
 INFO_AMPLIFICATION = 16  # a 1000-worker InfoReply: CPython takes 4.3 times its size, estimated 8.6
 DECODE_SLACK = 2**20  # for the few thousand short strings a worker's refs or a batch's keys may be
-MAX_DECODE_COST = 48 * 2**20  # 3 x the largest body
+MAX_DECODE_COST = 32 * 2**20  # twice the largest body: 330,000 keys released at once
 INFO_MAX_DEPTH = 16  # nesting inside an Info field (the scheduler's own is at most 4 deep)
 
 _INT, _SCALAR, _STR, _BIN, _ARRAY, _MAP, _INVALID = range(7)  # _SCALAR: nil, bool, float

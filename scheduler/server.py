@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
+import os
 import secrets
 import socket
 import ssl as ssl_module
@@ -118,13 +120,30 @@ class SchedulerServer:
         await asyncio.sleep(0)
 
     async def _tick_forever(self) -> None:
+        """Tick the state for ever: a tick that raises is logged (with its traceback, once a
+        minute at most, so that a bug that fails every tick does not fill the disk) and the
+        next one runs: heartbeat timeouts, deadlines and the history depend on it."""
         ticks = 0
+        failures = logged_failures = 0
+        logged_at = -math.inf
+        # TEST HOOK (tests/integration/test_hostile_decode.py): fail every Nth tick
+        fault_every = int(os.environ.get("JOBSCHED_TEST_TICK_FAULT") or 0)
         while True:
             await asyncio.sleep(TICK_INTERVAL)
-            self._dispatch(Ticked(time.monotonic()))
             ticks += 1
-            if ticks % round(HISTORY_INTERVAL / TICK_INTERVAL) == 0:
-                self._sample_history()
+            try:
+                if fault_every and ticks % fault_every == 0:
+                    raise RuntimeError(f"tick fault injected by JOBSCHED_TEST_TICK_FAULT={fault_every}")
+                self._dispatch(Ticked(time.monotonic()))
+                if ticks % round(HISTORY_INTERVAL / TICK_INTERVAL) == 0:
+                    self._sample_history()
+            except Exception:  # noqa: BLE001 - whatever it was, the next tick must run
+                failures += 1
+                now = time.monotonic()
+                if now - logged_at >= 60.0:
+                    log.exception("the scheduler's periodic tick failed (failure %d, %d unlogged since the last "
+                                  "logged one); ticking on", failures, failures - logged_failures - 1)
+                    logged_at, logged_failures = now, failures
 
     def _sample_history(self) -> None:
         assert self.state is not None

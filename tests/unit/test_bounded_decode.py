@@ -101,8 +101,9 @@ def test_crafted_bodies_cost_a_small_multiple_of_their_size():
 
 
 def test_bodies_that_pass_the_walk_cost_what_it_estimated():
-    """Bodies shaped like real traffic, as large as a frame may be: decoded, within the bound."""
-    n = MAX_BODY // 42 - 10
+    """Bodies shaped like real traffic, as large as MAX_DECODE_COST lets them be: decoded, within
+    the bound; a frame's worth of them is refused."""
+    n = 12 * 2**20 // 42
     key = b"\xd9\x28" + b"k" * 40
     bodies = {
         "40-char keys": raw_message("data-release", array(n) + key * n),
@@ -113,6 +114,9 @@ def test_bodies_that_pass_the_walk_cost_what_it_estimated():
         print(f"\nHOSTILE-DECODE {kind} {len(body) / 2**20:.1f} MiB: decoded at x{peak / len(body):.2f}")
         assert outcome == "decoded", (kind, outcome)
         assert peak <= m.DECODE_AMPLIFICATION * len(body) + m.DECODE_SLACK
+    full = MAX_BODY // 42 - 10
+    with pytest.raises(MalformedMessage, match="would take over 33554432 bytes"):
+        m.decode(Frame(raw_message("data-release", array(full) + key * full)))
 
 
 def big_info_reply(workers: int) -> m.InfoReply:
