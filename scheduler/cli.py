@@ -145,7 +145,8 @@ def dashboard_address(text: str) -> str:
 def allowed_host(text: str) -> str:
     """A ``--dashboard-allow-host`` value: a host name or IP address without a port, or ``*``."""
     name = text.strip()
-    parsed = split_host(f"[{name}]" if name.count(":") > 1 else name)  # a bare IPv6 address is fine here
+    bracketed = name.startswith("[") or name.count(":") <= 1
+    parsed = split_host(name if bracketed else f"[{name}]")  # a bare IPv6 address is fine here
     if name == ALLOW_ANY_HOST or (parsed is not None and parsed[1] is None):
         return name
     raise argparse.ArgumentTypeError(f"expected a host name or address without a port (or '*'), got {text!r}")

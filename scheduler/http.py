@@ -27,6 +27,7 @@ import io
 import ipaddress
 import json
 import logging
+import re
 import selectors
 import socket
 import threading
@@ -143,9 +144,12 @@ def split_host(value: str) -> tuple[str, int | None] | None:
             return None
         port = int(digits)
     name = name.lower().rstrip(".")
-    if not name:
+    if not _HOST_NAME.fullmatch(name):
         return None
     return _canonical(name), port
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_.:-]+")  # names, dotted IPv4 and (from inside brackets) IPv6
 
 
 def _is_ip(text: str, version: int | None = None) -> bool:
