@@ -58,6 +58,14 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
         if text in ("0", "false", "no", "off", ""):
             return False
         raise ConfigError(f"{name} from {where}: expected true or false, got {value!r}")
+    if isinstance(action, argparse._AppendAction):  # noqa: SLF001
+        # a repeatable option: a list in a config file, comma-separated in the environment
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+        return [_convert_one(action, item, name, where) for item in items]
+    return _convert_one(action, value, name, where)
+
+
+def _convert_one(action: argparse.Action, value: Any, name: str, where: str) -> Any:
     try:
         result = action.type(str(value)) if callable(action.type) else (value if isinstance(value, str) else str(value))
     except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:

@@ -19,7 +19,7 @@ from ..runtime.scheduler_file import write_scheduler_file
 from ..runtime.secret import SecretError, ensure_default_secret, load_secret, write_new_secret
 from ..runtime.tokens import looks_like_token
 from ..runtime.users import UsersFileError, add_user, check_max_slots, check_weight, remove_user
-from .http import StatusServer
+from .http import ALLOW_ANY_HOST, StatusServer, split_host
 from .server import SchedulerServer, tune_gc
 from .state import SchedulerConfig
 
@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard-address", type=dashboard_address, default="127.0.0.1:8687",
                    help="HOST:PORT for the dashboard, /health, /metrics and /api/status (default 127.0.0.1:8687; "
                    "'none' disables it; a busy port falls back to a free one)")
+    p.add_argument("--dashboard-allow-host", metavar="NAME", action="append", type=allowed_host, default=[],
+                   help="a further name the dashboard answers to in the Host header, e.g. the name of a proxy "
+                   "in front of it (repeatable; in a config file a list; '*' allows any). It always answers "
+                   "to the address it is bound to, loopback names when bound to loopback, and the machine's "
+                   "hostname and FQDN otherwise; other Hosts get 403 (against DNS rebinding)")
     p.add_argument("--generate-secret", metavar="PATH", default=None,
                    help="write a new random secret to PATH (mode 0600) and exit")
     add_user_options(p)
@@ -137,7 +142,17 @@ def dashboard_address(text: str) -> str:
     return text
 
 
-def _start_dashboard(server: SchedulerServer, text: str) -> StatusServer | None:
+def allowed_host(text: str) -> str:
+    """A ``--dashboard-allow-host`` value: a host name or IP address without a port, or ``*``."""
+    name = text.strip()
+    bracketed = name.startswith("[") or name.count(":") <= 1
+    parsed = split_host(name if bracketed else f"[{name}]")  # a bare IPv6 address is fine here
+    if name == ALLOW_ANY_HOST or (parsed is not None and parsed[1] is None):
+        return name
+    raise argparse.ArgumentTypeError(f"expected a host name or address without a port (or '*'), got {text!r}")
+
+
+def _start_dashboard(server: SchedulerServer, text: str, allowed_hosts: list[str]) -> StatusServer | None:
     if text.strip().lower() in DASHBOARD_OFF:
         return None
     if text.startswith(":"):
@@ -146,12 +161,12 @@ def _start_dashboard(server: SchedulerServer, text: str) -> StatusServer | None:
     address = parse_address(text, default_port=8687)
     loop = asyncio.get_running_loop()
     try:
-        status = StatusServer(server, loop, address.host, address.port)
+        status = StatusServer(server, loop, address.host, address.port, allowed_hosts)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
         log.info("dashboard port %d is in use; using a free port instead", address.port)
-        status = StatusServer(server, loop, address.host, 0)
+        status = StatusServer(server, loop, address.host, 0, allowed_hosts)
     status.start()
     server.dashboard = status.address
     return status
@@ -234,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", args.host, args.port, exc.strerror or exc)
             return 1
-        status = _start_dashboard(server, args.dashboard_address)
+        status = _start_dashboard(server, args.dashboard_address, args.dashboard_allow_host)
         if args.scheduler_file:
             write_scheduler_file(args.scheduler_file, address, dashboard=status.address if status else "")
         try:
