@@ -207,12 +207,12 @@ def test_random_bytes_never_crash_the_check(data):
     assert found == set()  # what passes has no memo opcode, as pickletools reads it
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(json_like, st.data())
 def test_a_memo_opcode_at_any_opcode_boundary_is_refused(value, data):
     stream = dumps(value)[0]
     boundaries = [pos for _op, _arg, pos in pickletools.genops(stream) if pos > 0]
-    at = data.draw(st.sampled_from(boundaries))
+    at = boundaries[data.draw(st.integers(0, len(boundaries) - 1))]  # sampled_from is slow on long lists
     memo_puts = [pickle.BINPUT + b"\x01", pickle.LONG_BINPUT + b"\x00\x00\x00\x40", pickle.PUT + b"9\n"]
     injected = data.draw(st.sampled_from(memo_puts))
     assert "which jobsched never emits" in refusal(stream[:at] + injected + stream[at:])
