@@ -4,10 +4,10 @@ jobsched itself uses pass the rule by far."""
 
 from __future__ import annotations
 
-import os
 import secrets
 
 import pytest
+from support import private_file
 
 from jobsched.runtime.secret import (
     ENV_SECRET,
@@ -23,13 +23,6 @@ from jobsched.runtime.secret import (
 )
 from jobsched.runtime.tokens import new_token
 from jobsched.runtime.users import UsersFileError, read_users
-
-
-def private_file(path, content: bytes | str) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-    return str(path)
 
 
 @pytest.fixture
