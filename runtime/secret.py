@@ -25,6 +25,34 @@ class SecretError(JobschedError, ValueError):
     """The configured secret cannot be used; the message says why and how to fix it."""
 
 
+# One captured handshake lets an attacker try guesses offline as fast as HMAC runs, so a
+# secret must be long and not a human's pattern.  The rule is deliberately simple: at
+# least 16 bytes, of at least 8 different values (which refuses "aaaa...", "abababab..."
+# and the like; any secret from a random generator passes by far).
+MIN_SECRET_BYTES = 16
+MIN_DISTINCT_BYTES = 8
+HOW_TO_GENERATE = ('generate a strong one with: jobsched-scheduler --generate-secret PATH (a file, mode 0600, for '
+                   '--secret-file or JOBSCHED_SECRET_FILE), or: python -c "import secrets; print(secrets.token_hex(32))"')
+
+
+def weakness(secret: bytes) -> str | None:
+    """Why ``secret`` is too weak to use, or None if it is strong enough."""
+    if len(secret) < MIN_SECRET_BYTES:
+        return f"it is {len(secret)} bytes long; at least {MIN_SECRET_BYTES} are needed"
+    if len(set(secret)) < MIN_DISTINCT_BYTES:
+        return f"it uses only {len(set(secret))} different characters; at least {MIN_DISTINCT_BYTES} are needed"
+    return None
+
+
+def check_strength(secret: bytes, where: str, error: type[SecretError] = SecretError,
+                   how_to_generate: str = HOW_TO_GENERATE) -> bytes:
+    """``secret``, unless it is too weak: then ``error`` saying so, where it came from and how to make a strong one."""
+    reason = weakness(secret)
+    if reason is not None:
+        raise error(f"{where} is too weak: {reason}; {how_to_generate}")
+    return secret
+
+
 def config_dir() -> str:
     """``$XDG_CONFIG_HOME/jobsched``, by default ``~/.config/jobsched``."""
     base = os.environ.get("XDG_CONFIG_HOME", "")
@@ -66,8 +94,8 @@ def _read_private(path: str, what: str) -> bytes:
     return value
 
 
-def read_secret_file(path: str) -> bytes:
-    return _read_private(path, "secret file")
+def read_secret_file(path: str, where: str = "") -> bytes:
+    return check_strength(_read_private(path, "secret file"), where or f"secret file {path}")
 
 
 def load_secret(secret_file: str | None = None, secret: str | bytes | None = None) -> bytes | None:
@@ -75,7 +103,7 @@ def load_secret(secret_file: str | None = None, secret: str | bytes | None = Non
     (``JOBSCHED_SECRET``, ``JOBSCHED_SECRET_FILE``, systemd's credentials), then the
     default file ``config_dir()/secret`` if it exists."""
     if secret:
-        return secret.encode() if isinstance(secret, str) else bytes(secret)
+        return check_strength(secret.encode() if isinstance(secret, str) else bytes(secret), "the secret given")
     if secret_file:
         return read_secret_file(secret_file)
     from_env = _secret_from_environment()
@@ -87,9 +115,10 @@ def load_secret(secret_file: str | None = None, secret: str | bytes | None = Non
 
 def _secret_from_environment() -> bytes | None:
     if os.environ.get(ENV_SECRET):
-        return os.environ[ENV_SECRET].encode()
+        return check_strength(os.environ[ENV_SECRET].encode(), f"${ENV_SECRET}")
     if os.environ.get(ENV_SECRET_FILE):
-        return read_secret_file(os.environ[ENV_SECRET_FILE])
+        path = os.environ[ENV_SECRET_FILE]
+        return read_secret_file(path, f"${ENV_SECRET_FILE} ({path})")
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")  # systemd LoadCredential=
     if credentials and os.path.exists(os.path.join(credentials, "jobsched-secret")):
         return read_secret_file(os.path.join(credentials, "jobsched-secret"))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import read_toml
-from .secret import SecretError, check_private
+from .secret import SecretError, check_private, check_strength
 from .tokens import TOKEN_FORM, new_token, token_user, valid_user_name
 
 _KEYS = {"token", "weight", "max-slots"}
@@ -90,6 +90,9 @@ def _parse(data: dict[str, Any], path: str) -> Users:
             raise UsersFileError(f"{where}: token must be a string {TOKEN_FORM}")
         if token_user(token) != name:
             raise UsersFileError(f"{where}: the token names user {token_user(token)!r}, not {name!r}")
+        # a hand-written token is held to the rule of the cluster secret (--add-user's pass by far)
+        check_strength(token.partition(":")[2].encode(), f"{where} token", UsersFileError,
+                       f"give the user a new one with: jobsched-scheduler --users-file {path} --add-user {name}")
         users[name] = User(token, check_weight(entry.get("weight", 1.0), f"{where} weight"),
                            check_max_slots(entry.get("max-slots", 0), f"{where} max-slots"))
     return users

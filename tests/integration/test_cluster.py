@@ -79,7 +79,7 @@ def test_scheduler_refuses_non_loopback_host_without_secret(daemons, host):
 
 def test_scheduler_refuses_secret_file_readable_by_others(daemons, tmp_path):
     secret_file = tmp_path / "secret"
-    secret_file.write_text("s3cret")
+    secret_file.write_text("s3cret-0123456789abcdef")
     secret_file.chmod(0o644)
     sched = daemons.scheduler("--secret-file", str(secret_file), wait=False)
     assert sched.wait_exit(20) == 2
@@ -112,9 +112,9 @@ def test_worker_exits_cleanly_on_signal(daemons, sig):
 
 
 # ---------------------------------------------------------------- secrets
-@pytest.mark.parametrize("worker_secret", ["wrong-secret", None], ids=["wrong", "missing"])
+@pytest.mark.parametrize("worker_secret", ["wrong-secret-0123456789abcdef", None], ids=["wrong", "missing"])
 def test_worker_with_wrong_secret_exits_nonzero(daemons, worker_secret):
-    sched = daemons.scheduler(secret="right-secret")
+    sched = daemons.scheduler(secret="right-secret-0123456789abcdef")
     w = daemons.worker(sched.address, secret=worker_secret)
     rc = w.wait_exit(15)  # a wrong secret is fatal: no endless retries
     assert rc != 0
@@ -126,11 +126,11 @@ def test_worker_with_wrong_secret_exits_nonzero(daemons, worker_secret):
     assert sched.proc.poll() is None
 
 
-@pytest.mark.parametrize("client_secret", ["wrong-secret", None], ids=["wrong", "missing"])
+@pytest.mark.parametrize("client_secret", ["wrong-secret-0123456789abcdef", None], ids=["wrong", "missing"])
 def test_client_with_wrong_secret_gets_authentication_error(daemons, monkeypatch, client_secret):
     monkeypatch.delenv("JOBSCHED_SECRET", raising=False)
     monkeypatch.delenv("JOBSCHED_SECRET_FILE", raising=False)
-    sched = daemons.scheduler(secret="right-secret")
+    sched = daemons.scheduler(secret="right-secret-0123456789abcdef")
     start = time.monotonic()
     with pytest.raises(jobsched.AuthenticationError, match="secret"):
         jobsched.Client(sched.address, secret=client_secret, timeout=10)
@@ -140,14 +140,14 @@ def test_client_with_wrong_secret_gets_authentication_error(daemons, monkeypatch
 
 def test_secured_cluster_runs_work(daemons, tmp_path):
     secret_file = tmp_path / "secret"
-    secret_file.write_text("right-secret\n")
+    secret_file.write_text("right-secret-0123456789abcdef\n")
     secret_file.chmod(0o600)
     sched = daemons.scheduler("--secret-file", str(secret_file))
     w = daemons.worker(sched.address, "--secret-file", str(secret_file), name="secure", nthreads=2)
-    with jobsched.Client(sched.address, secret="right-secret", timeout=10) as client:
+    with jobsched.Client(sched.address, secret="right-secret-0123456789abcdef", timeout=10) as client:
         wait_for_workers(client, ["secure"])
     # the backend opens its own Client from an address and a secret
-    with parallel_config(backend="cluster", scheduler=sched.address, secret="right-secret"):
+    with parallel_config(backend="cluster", scheduler=sched.address, secret="right-secret-0123456789abcdef"):
         pids = Parallel(n_jobs=-1)(delayed(tasks.getpid)() for _ in range(4))
     assert os.getpid() not in pids
     assert set(pids) <= w.process_tree()

@@ -179,7 +179,7 @@ def test_secret_cannot_be_given_on_the_command_line(module):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602, 0o666])
 def test_secret_file_accessible_by_group_or_others_is_refused_by_the_scheduler(tmp_path, mode):
-    path = private_file(tmp_path / "secret", "s3cret-value\n", mode)
+    path = private_file(tmp_path / "secret", "s3cret-value-0123456789abcdef\n", mode)
     status, out, err = run_cli("jobsched.scheduler", "--port", "0", "--scheduler-file", str(tmp_path / "s.json"),
                                "--secret-file", str(path), env=daemon_env())
     assert status == 2, (status, out, err)
@@ -191,7 +191,7 @@ def test_secret_file_accessible_by_group_or_others_is_refused_by_the_scheduler(t
 
 @pytest.mark.timeout(60)
 def test_world_readable_secret_file_is_refused_through_the_environment_and_by_worker_and_client(tmp_path):
-    path = private_file(tmp_path / "secret", "s3cret-value\n", 0o644)
+    path = private_file(tmp_path / "secret", "s3cret-value-0123456789abcdef\n", 0o644)
     env = daemon_env()
     env["JOBSCHED_SECRET_FILE"] = str(path)
     status, _, err = run_cli("jobsched.scheduler", "--port", "0", "--scheduler-file", str(tmp_path / "s.json"), env=env)
@@ -212,6 +212,24 @@ def test_unusable_secret_file_is_refused_with_a_reason(tmp_path, case):
     assert status == 2
     assert str(path) in err
     assert ("empty" in err) if case == "empty" else ("cannot read" in err)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("weak", ["hunter2", "0123456789abcde", "a" * 32], ids=["7-bytes", "15-bytes", "one-character"])
+def test_a_weak_secret_stops_the_daemons_saying_how_to_make_one(tmp_path, weak):
+    env = daemon_env(secret=weak)
+    status, _, err = run_cli("jobsched.scheduler", "--port", "0", "--scheduler-file", str(tmp_path / "s.json"), env=env)
+    assert status == 2, err
+    assert "$JOBSCHED_SECRET is too weak" in err and "jobsched-scheduler --generate-secret PATH" in err, err
+    assert "secrets.token_hex(32)" in err and weak not in err  # never echoes the secret
+    assert not (tmp_path / "s.json").exists()
+    status, _, err = run_cli("jobsched.worker", "tcp://127.0.0.1:9", env=env)
+    assert status == 2 and "$JOBSCHED_SECRET is too weak" in err, err
+    path = private_file(tmp_path / "weak.secret", weak + "\n", 0o600)
+    config = tmp_path / "jobsched.toml"
+    config.write_text(f'secret-file = "{path}"\n')
+    status, _, err = run_cli("jobsched.scheduler", "--port", "0", "--config", str(config), env=daemon_env())
+    assert status == 2 and f"secret file {path} is too weak" in err, err
 
 
 @pytest.mark.timeout(60)

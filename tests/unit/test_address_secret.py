@@ -200,43 +200,43 @@ def test_no_secret_anywhere_is_none(clean_env):
 
 
 def test_explicit_secret_wins(clean_env, tmp_path):
-    clean_env.setenv(ENV_SECRET, "from-env")
-    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"from-env-file"))
-    file = private_file(tmp_path / "file", b"from-file")
-    assert load_secret(file, "explicit") == b"explicit"
-    assert load_secret(file, b"raw\x00bytes") == b"raw\x00bytes"
+    clean_env.setenv(ENV_SECRET, "from-env-0123456789")
+    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"from-env-file-0123456789"))
+    file = private_file(tmp_path / "file", b"from-file-0123456789")
+    assert load_secret(file, "explicit-0123456789") == b"explicit-0123456789"
+    assert load_secret(file, b"raw\x00bytes-0123456789") == b"raw\x00bytes-0123456789"
 
 
 def test_file_beats_environment(clean_env, tmp_path):
-    clean_env.setenv(ENV_SECRET, "from-env")
-    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"from-env-file"))
-    assert load_secret(private_file(tmp_path / "file", b"from-file\n")) == b"from-file"
+    clean_env.setenv(ENV_SECRET, "from-env-0123456789")
+    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"from-env-file-0123456789"))
+    assert load_secret(private_file(tmp_path / "file", b"from-file-0123456789\n")) == b"from-file-0123456789"
 
 
 def test_env_secret_beats_env_secret_file(clean_env, tmp_path):
-    clean_env.setenv(ENV_SECRET, "from-env")
-    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"from-env-file"))
-    assert load_secret() == b"from-env"
+    clean_env.setenv(ENV_SECRET, "from-env-0123456789")
+    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"from-env-file-0123456789"))
+    assert load_secret() == b"from-env-0123456789"
 
 
 def test_env_secret_file(clean_env, tmp_path):
-    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"  from-env-file \n"))
-    assert load_secret() == b"from-env-file"
+    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"  from-env-file-0123456789 \n"))
+    assert load_secret() == b"from-env-file-0123456789"
 
 
 def test_empty_env_secret_is_ignored(clean_env, tmp_path):
     clean_env.setenv(ENV_SECRET, "")
     assert load_secret() is None
-    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"f"))
-    assert load_secret() == b"f"
+    clean_env.setenv(ENV_SECRET_FILE, private_file(tmp_path / "envfile", b"f-0123456789abcdef"))
+    assert load_secret() == b"f-0123456789abcdef"
 
 
 def test_systemd_credentials_directory(clean_env, tmp_path):
-    private_file(tmp_path / "jobsched-secret", b"cred")
+    private_file(tmp_path / "jobsched-secret", b"cred-0123456789ab")
     clean_env.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    assert load_secret() == b"cred"
-    clean_env.setenv(ENV_SECRET, "env")
-    assert load_secret() == b"env"
+    assert load_secret() == b"cred-0123456789ab"
+    clean_env.setenv(ENV_SECRET, "env-0123456789ab")
+    assert load_secret() == b"env-0123456789ab"
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o700 | 0o010])
@@ -256,7 +256,7 @@ def test_world_readable_env_secret_file_is_refused(clean_env, tmp_path):
 
 @pytest.mark.parametrize("mode", [0o600, 0o400])
 def test_private_file_is_accepted(clean_env, tmp_path, mode):
-    assert read_secret_file(private_file(tmp_path / "secret", b"key\n", mode)) == b"key"
+    assert read_secret_file(private_file(tmp_path / "secret", b"key-0123456789ab\n", mode)) == b"key-0123456789ab"
 
 
 @pytest.mark.parametrize("content", [b"", b"\n", b"  \n\t "])

@@ -59,11 +59,11 @@ def test_nothing_anywhere(home):
 
 def test_the_default_secret_file_is_the_last_fallback(home, monkeypatch, tmp_path):
     home.mkdir(parents=True)
-    private_file(home / "secret", "default-secret\n")
-    assert load_secret() == b"default-secret"
-    assert load_credentials() == (b"default-secret", None)
-    monkeypatch.setenv(ENV_SECRET, "from-env")
-    assert load_secret() == b"from-env"
+    private_file(home / "secret", "default-secret-0123456789\n")
+    assert load_secret() == b"default-secret-0123456789"
+    assert load_credentials() == (b"default-secret-0123456789", None)
+    monkeypatch.setenv(ENV_SECRET, "from-env-0123456789")
+    assert load_secret() == b"from-env-0123456789"
 
 
 def test_a_default_secret_file_others_can_read_is_refused(home):
@@ -75,11 +75,11 @@ def test_a_default_secret_file_others_can_read_is_refused(home):
 
 def test_explicit_arguments_come_first(home, monkeypatch, tmp_path):
     monkeypatch.setenv(ENV_TOKEN, BOB)
-    monkeypatch.setenv(ENV_SECRET, "env-secret")
+    monkeypatch.setenv(ENV_SECRET, "env-secret-0123456789")
     assert load_credentials(token=ANN) == (None, ANN)
     assert load_credentials(token_file=private_file(tmp_path / "t", ANN + "\n")) == (None, ANN)
-    assert load_credentials(secret="explicit") == (b"explicit", None)  # beats the environment's token
-    assert load_credentials(secret_file=private_file(tmp_path / "s", "from-file")) == (b"from-file", None)
+    assert load_credentials(secret="explicit-0123456789") == (b"explicit-0123456789", None)  # beats the environment's token
+    assert load_credentials(secret_file=private_file(tmp_path / "s", "from-file-0123456789")) == (b"from-file-0123456789", None)
     with pytest.raises(SecretError, match="not both"):
         load_credentials(secret="x", token=ANN)
 
@@ -87,9 +87,9 @@ def test_explicit_arguments_come_first(home, monkeypatch, tmp_path):
 def test_then_the_environment_a_token_before_the_secret(home, monkeypatch, tmp_path):
     home.mkdir(parents=True)
     private_file(home / "token", BOB)
-    private_file(home / "secret", "default-secret")
-    monkeypatch.setenv(ENV_SECRET, "env-secret")
-    assert load_credentials() == (b"env-secret", None)  # the environment beats the default files
+    private_file(home / "secret", "default-secret-0123456789")
+    monkeypatch.setenv(ENV_SECRET, "env-secret-0123456789")
+    assert load_credentials() == (b"env-secret-0123456789", None)  # the environment beats the default files
     monkeypatch.setenv(ENV_TOKEN_FILE, private_file(tmp_path / "t", ANN))
     assert load_credentials() == (None, ANN)
     monkeypatch.setenv(ENV_TOKEN, BOB)
@@ -98,8 +98,8 @@ def test_then_the_environment_a_token_before_the_secret(home, monkeypatch, tmp_p
 
 def test_then_the_default_files_the_token_before_the_secret(home):
     home.mkdir(parents=True)
-    private_file(home / "secret", "default-secret")
-    assert load_credentials() == (b"default-secret", None)
+    private_file(home / "secret", "default-secret-0123456789")
+    assert load_credentials() == (b"default-secret-0123456789", None)
     private_file(home / "token", ANN + "\n")
     assert load_credentials() == (None, ANN)
 
@@ -154,8 +154,8 @@ def test_a_worker_ignores_tokens_and_refuses_a_token_as_its_secret(home, monkeyp
     monkeypatch.setenv(ENV_TOKEN, ANN)
     assert worker_secret(None) is None
     assert "never authenticate with a user token" in caplog.text
-    monkeypatch.setenv(ENV_SECRET, "cluster-secret")
-    assert worker_secret(None) == b"cluster-secret"
+    monkeypatch.setenv(ENV_SECRET, "cluster-secret-0123456789")
+    assert worker_secret(None) == b"cluster-secret-0123456789"
     monkeypatch.setenv(ENV_SECRET, ANN)
     with pytest.raises(SecretError, match="user tokens may only connect as clients; workers need the cluster secret"):
         worker_secret(None)
