@@ -39,7 +39,6 @@ from .state import DEFAULT_CONFIG, SchedulerConfig, SchedulerState
 log = logging.getLogger("jobsched.scheduler")
 
 TICK_INTERVAL = 0.25
-INFO_PERIOD = 0.5  # a connection asking again within this gets the snapshot it got last
 HISTORY_INTERVAL = 1.0
 
 
@@ -74,7 +73,7 @@ class SchedulerServer:
         self._server: asyncio.Server | None = None
         self.admission = Admission()  # the connections not yet authenticated, per source
         self._generation = 0  # events dispatched: a snapshot taken since is current
-        self._info_cache: dict[object, tuple[int, float, dict[str, Any]]] = {}
+        self._info_cache: dict[int, tuple[int, dict[str, Any]]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self.address = ""
         self.dashboard = ""  # the HTTP status address, once started
@@ -211,14 +210,14 @@ class SchedulerServer:
         self._dispatch(MessageReceived(conn_id, message))
 
     def _info_for(self, conn_id: int, viewer: ClientRecord | None) -> dict[str, Any]:
-        """A fresh snapshot, unless nothing happened since this connection's last one or it asks
-        again within ``INFO_PERIOD``: a peer polling in a loop costs one snapshot per period."""
-        now = time.monotonic()
+        """A fresh snapshot, unless nothing happened since this connection's last one (the
+        ticker's event, every ``TICK_INTERVAL``, counts): a peer polling in a loop costs at
+        most one snapshot per event; backpressure (``Connection``) bounds the replies."""
         cached = self._info_cache.get(conn_id)
-        if cached is not None and (cached[0] == self._generation or now - cached[1] < INFO_PERIOD):
-            return cached[2]
+        if cached is not None and cached[0] == self._generation:
+            return cached[1]
         info = self.snapshot(viewer)
-        self._info_cache[conn_id] = (self._generation, now, info)
+        self._info_cache[conn_id] = (self._generation, info)
         return info
 
     def _on_close(self, conn_id: int, reason: str) -> None:
