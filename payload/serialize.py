@@ -147,13 +147,11 @@ class _Rebuilt:
 
 def load_exception(frames: Sequence[Buffer]) -> BaseException:
     """Rebuild a task's exception, with the remote traceback attached as its cause."""
-    check_pickle(frames[0], "the task error's pickle")
-    record = pickle.loads(frames[0])
+    record = loads(frames[:1], "the task error's pickle")
     exc: BaseException | None = None
     if record.get("exception") is not None:
         try:
-            check_pickle(record["exception"], "the task exception's pickle")
-            exc = pickle.loads(record["exception"])
+            exc = loads([record["exception"]], "the task exception's pickle")
         except Exception:  # noqa: BLE001 - a user exception may fail to unpickle any way: rebuilt from text below
             exc = None
     if not isinstance(exc, BaseException):

@@ -2,7 +2,7 @@
 
 Sans-IO: ``admit`` says which pending connections to close to make room for a new one;
 the asyncio side (``aio.start_server``) closes them.  A connection is pending from the
-moment it is accepted (before TLS) until it is authenticated or closed.
+moment it reaches the protocol (with TLS, once TLS is up) until it is authenticated or closed.
 
 A new connection is never refused; the *oldest* pending connection of the busiest source
 makes room for it instead.  A flood from one address therefore only churns its own

@@ -170,10 +170,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection closed by peer")
-        if not self.authenticated.done() and isinstance(exc, ConnectionError):
-            self.authenticated.set_exception(exc)
-            self.authenticated.exception()  # mark retrieved: the opener may have given up
-        self._mark_closed(reason)
+        self._mark_closed(reason, exc)
         handler = self.on_close
         if handler is not None:
             self.on_close = None
@@ -270,8 +267,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         pieces = encode(message)
         self._outbox.extend(pieces)
-        if self._accepting:
-            self._outbox_bytes += sum(map(len, pieces))
+        self._outbox_bytes += sum(map(len, pieces))  # pieces of encode_frame: len() is bytes
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -280,7 +276,7 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         if self._outbox and not self.closed and self.transport is not None:
             pieces, self._outbox = self._outbox, []
-            self.bytes_sent += sum(map(len, pieces))  # pieces of encode_frame: len() is bytes
+            self.bytes_sent += self._outbox_bytes
             self._outbox_bytes = 0
             self.transport.writelines(pieces)  # may call pause_writing
             if self._backlog or self._reading_paused:
@@ -310,14 +306,14 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.abort()
         self._mark_closed(reason)
 
-    def _mark_closed(self, reason: str) -> None:
+    def _mark_closed(self, reason: str, exc: BaseException | None = None) -> None:
         self.closed = True
         self._outbox = []
         self._outbox_bytes = 0
         self._backlog.clear()
         self._scratch = _CLOSED_SCRATCH
         if not self.authenticated.done():  # whoever waits on it (the listener's count) learns at once
-            self.authenticated.set_exception(ConnectionError(reason))
+            self.authenticated.set_exception(exc if isinstance(exc, ConnectionError) else ConnectionError(reason))
             self.authenticated.exception()  # mark retrieved: the opener may have given up
         if self._stall is not None:
             self._stall.cancel()

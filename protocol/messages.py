@@ -166,7 +166,7 @@ def _message_class(body: bytes) -> type[Message]:
     fixarray (at most 15 items) whose first item is a fixstr (ops are short)."""
     if len(body) < 2 or not 0x91 <= body[0] <= 0x9F or not 0xA0 <= body[1] <= 0xBF:
         raise MalformedMessage("message body is not [op, ...]")
-    op = body[2 : 2 + (body[1] & 0x1F)].decode("utf-8", "replace")
+    op = _op_of(body)
     cls = _REGISTRY.get(op)
     if cls is None:
         raise MalformedMessage(f"unknown op {op!r}")
@@ -290,7 +290,7 @@ def _too_costly(body: bytes, budget: int) -> None:
 
 
 def _op_of(body: bytes) -> str:
-    """The op of a body that _message_class accepted."""
+    """The op a body starts with (``_message_class`` checked the fixarray and fixstr headers)."""
     return body[2 : 2 + (body[1] & 0x1F)].decode("utf-8", "replace")
 
 

@@ -43,6 +43,7 @@ from typing import Any, Generic, TypeVar
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..runtime.rate_limit import RateLimit
 from .server import SchedulerServer
 
 log = logging.getLogger("jobsched.scheduler")
@@ -227,22 +228,6 @@ class HostPolicy:
 
 def machine_names() -> list[str]:
     return [socket.gethostname(), socket.getfqdn()]
-
-
-@dataclass
-class RateLimit:
-    """At most one event per ``interval`` seconds passes; ``passes`` also says how many were held back."""
-
-    interval: float
-    _last: float = float("-inf")
-    _held: int = 0
-
-    def passes(self, now: float) -> tuple[bool, int]:
-        if now - self._last < self.interval:
-            self._held += 1
-            return False, 0
-        held, self._held, self._last = self._held, 0, now
-        return True, held
 
 
 # ------------------------------------------------------------------ request heads

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import os
 import secrets
 import socket
@@ -19,6 +18,7 @@ from ..protocol import AcceptorHandshake, Role
 from ..protocol import messages as m
 from ..protocol.admission import Admission
 from ..protocol.aio import Connection, start_server
+from ..runtime.rate_limit import RateLimit
 from ..runtime.users import Users, UsersFileError, read_users, revoked
 from .records import (
     CLIENT,
@@ -40,6 +40,7 @@ log = logging.getLogger("jobsched.scheduler")
 
 TICK_INTERVAL = 0.25
 HISTORY_INTERVAL = 1.0
+TICK_FAILURE_LOG_INTERVAL = 60.0  # a bug that fails every tick logs once a minute, not four times a second
 
 
 def tune_gc() -> None:
@@ -123,8 +124,8 @@ class SchedulerServer:
         minute at most, so that a bug that fails every tick does not fill the disk) and the
         next one runs: heartbeat timeouts, deadlines and the history depend on it."""
         ticks = 0
-        failures = logged_failures = 0
-        logged_at = -math.inf
+        failures = 0
+        failure_log = RateLimit(TICK_FAILURE_LOG_INTERVAL)
         # TEST HOOK (tests/integration/test_hostile_decode.py): fail every Nth tick
         fault_every = int(os.environ.get("JOBSCHED_TEST_TICK_FAULT") or 0)
         while True:
@@ -138,11 +139,10 @@ class SchedulerServer:
                     self._sample_history()
             except Exception:  # noqa: BLE001 - whatever it was, the next tick must run
                 failures += 1
-                now = time.monotonic()
-                if now - logged_at >= 60.0:
+                logged, held_back = failure_log.passes(time.monotonic())
+                if logged:
                     log.exception("the scheduler's periodic tick failed (failure %d, %d unlogged since the last "
-                                  "logged one); ticking on", failures, failures - logged_failures - 1)
-                    logged_at, logged_failures = now, failures
+                                  "logged one); ticking on", failures, held_back)
 
     def _sample_history(self) -> None:
         assert self.state is not None

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..payload.context import CallContext
-from ..payload.pickle_check import check_pickle
-from ..payload.serialize import dump_exception, dumps
+from ..payload.serialize import dump_exception, dumps, loads
 from ..protocol import messages as m
 from .capture import CaptureOptions, capturing
 from .store import UNPICKLING, loads_batch
@@ -67,8 +66,7 @@ def _context(blob: bytes) -> _Context:
     last = _parsed
     if last is not None and last[0] == blob:
         return last[1]
-    check_pickle(blob, "the batch's context pickle")
-    call = pickle.loads(blob)
+    call = loads([blob], "the batch's context pickle")
     if not isinstance(call, CallContext):
         raise TypeError(f"a batch's context must be a CallContext, not {type(call).__name__}")
     capture = CaptureOptions(call.capture_output, call.capture_warnings, call.log_level, call.output_cap)

@@ -40,10 +40,6 @@ def pki(tmp_path_factory) -> PKI:
     return PKI(tmp_path_factory.mktemp("pki"))
 
 
-def info(client: jobsched.Client) -> dict:
-    return client.scheduler_info()
-
-
 def connect_from(address: str, source: str = "127.0.0.1") -> socket.socket:
     parsed = parse_address(address)
     host, port = parsed.host, parsed.port
@@ -68,12 +64,12 @@ def test_tls_scheduler_after_probes_and_half_open_connections_lets_a_worker_and_
             wait_for_workers(client, [worker.name], timeout=30)
             joined = time.monotonic() - started
             assert squares(client, 20) == [i * i for i in range(20)]
-            during = info(client)["unauthenticated"]
+            during = client.scheduler_info()["unauthenticated"]
             for sock in half_open:
                 sock.close()
             # each probe either failed TLS (never counted) or was counted and then closed
-            wait_until(lambda: info(client)["unauthenticated"] == 0, 20,
-                       lambda: f"unauthenticated connections stay counted: {info(client)['unauthenticated']}")
+            wait_until(lambda: client.scheduler_info()["unauthenticated"] == 0, 20,
+                       lambda: f"unauthenticated connections stay counted: {client.scheduler_info()['unauthenticated']}")
             assert squares(client, 10) == [i * i for i in range(10)]
     finally:
         for sock in half_open:
@@ -97,7 +93,7 @@ def test_a_flood_from_one_address_does_not_keep_a_client_out(daemons, flood_from
         started = time.monotonic()
         with jobsched.Client(sched.address, secret=SECRET, timeout=5) as client:
             got_in = time.monotonic() - started
-            status = info(client)
+            status = client.scheduler_info()
         closed = sum(closed_by_peer(s, 0.05) for s in flood)
     finally:
         for s in flood:
@@ -136,7 +132,7 @@ def test_a_peer_that_floods_status_requests_and_never_reads_is_bounded_and_disco
                     disconnected = time.monotonic() - started
                     break
                 peak = max(peak, proc.memory_info().rss)
-                if sent and not client_is_served(client):
+                if sent and "workers" not in client.scheduler_info():
                     raise AssertionError("another client was not served during the flood")
         finally:
             sock.close()
@@ -148,7 +144,3 @@ def test_a_peer_that_floods_status_requests_and_never_reads_is_bounded_and_disco
           f"(heartbeat timeout {timeout:.0f} s)", flush=True)
     assert growth < 100, f"the scheduler's RSS grew {growth:.1f} MiB"
     assert "has read nothing" in sched.log()
-
-
-def client_is_served(client: jobsched.Client) -> bool:
-    return "workers" in client.scheduler_info()
