@@ -19,7 +19,8 @@ from ..runtime.scheduler_file import write_scheduler_file
 from ..runtime.secret import SecretError, ensure_default_secret, load_secret, write_new_secret
 from ..runtime.tokens import looks_like_token
 from ..runtime.users import UsersFileError, add_user, check_max_slots, check_weight, remove_user
-from .http import ALLOW_ANY_HOST, StatusServer, split_host
+from .host_policy import ALLOW_ANY_HOST, split_host
+from .http import StatusServer
 from .server import SchedulerServer, tune_gc
 from .state import SchedulerConfig
 

@@ -23,7 +23,7 @@ import psutil
 import pytest
 from support import Daemon, dashboard_of, http_get, wait_until
 
-from jobsched.scheduler.http import MAX_ACTIVE, MAX_HEAD, MAX_PENDING, READ_DEADLINE
+from jobsched.scheduler.http_front import MAX_ACTIVE, MAX_HEAD, MAX_PENDING, READ_DEADLINE
 
 DRIPPERS = 200
 SILENT = 100

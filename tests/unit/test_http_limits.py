@@ -9,8 +9,10 @@ import argparse
 import pytest
 
 from jobsched.runtime.config import ConfigError, resolve
+from jobsched.runtime.rate_limit import RateLimit
 from jobsched.scheduler.cli import allowed_host, build_parser
-from jobsched.scheduler.http import HeadTooLarge, HostPolicy, PendingHeads, RateLimit, split_host
+from jobsched.scheduler.host_policy import HostPolicy, split_host
+from jobsched.scheduler.http_front import HeadTooLarge, PendingHeads
 
 MACHINE = ["node7", "node7.lab.example"]
 
