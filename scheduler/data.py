@@ -189,6 +189,23 @@ class DataDirectory:
         for worker, worker_keys in by_worker.items():
             send(worker, m.DeleteData(worker_keys))
 
+    def shed(self, worker: ConnId, keep: set[str], send: Sender) -> int:
+        """Take back ``worker``'s copies of keys outside ``keep`` (a worker paused by its memory
+        limit frees what no batch of its own needs; another copy, or the owner's, serves a later
+        batch).  Keys whose shared segment this worker created stay: its siblings map them.
+        Returns the bytes freed."""
+        held = self.held.get(worker, {})
+        shed = [key for key in held if key not in keep and not self._created_segment(worker, key)]
+        for key in shed:
+            self.records[key].holders.pop(worker, None)
+        if shed:
+            send(worker, m.DeleteData(shed))
+        return sum(held.pop(key) for key in shed)
+
+    def _created_segment(self, worker: ConnId, key: str) -> bool:
+        record = self.records.get(key)
+        return record is not None and any(s.creator == worker for s in record.segments.values())
+
     def client_left(self, owner: ConnId, send: Sender) -> None:
         self.release(owner, [k for k, r in self.records.items() if r.owner == owner], send)
 

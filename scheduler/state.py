@@ -307,6 +307,18 @@ class SchedulerState:
             return  # retiring is final
         worker.status = status
         self._place(worker)
+        self._shed_if_paused(worker, out)
+
+    def _shed_if_paused(self, worker: WorkerRecord, out: list[Command]) -> None:
+        """A worker paused by its memory limit drops the scattered data no batch of its own
+        needs, so that data alone cannot keep it paused (a later batch fetches it again)."""
+        if worker.status != m.PAUSED:
+            return
+        needed = {key for task_id in worker.running for key in self.tasks[task_id].keys}
+        freed = self.data.shed(worker.conn, needed, self._sender(out))
+        if freed:
+            self._log_event("data-shed", f"{worker.name} paused by its memory limit: dropped "
+                            f"{freed / 2**20:.0f} MiB of scattered data no batch of its own needs")
 
     def _place(self, worker: WorkerRecord) -> None:
         """Keep ``free_workers`` and ``prefetch_workers`` in line with the worker's load."""
@@ -328,6 +340,7 @@ class SchedulerState:
         """``worker`` reports ``task``'s outcome: free the slot, tell the client."""
         self._release_slot(worker, task)
         self._drop_task(task)
+        self._shed_if_paused(worker, out)
         worker.completed += 1
         self.share.finished(task.user, duration, self.now)
         if task.cancelled:

@@ -236,3 +236,30 @@ def test_a_call_that_only_paused_workers_could_run_fails_with_a_clear_error(pool
     assert "w0" in str(failure.value) and f"of its {limit_mib} MiB limit" in str(failure.value), failure.value
     assert ended < 45, f"the call took {ended:.0f} s to fail"
     recovery("all-workers-paused", ended, "call start to the clear error (--paused-timeout 3)")
+
+
+@pytest.mark.timeout(240)
+def test_scattered_data_that_fills_a_workers_memory_mark_is_shed_and_the_next_call_runs(pool):
+    """Scattered data alone pushes the only worker over its pause mark.  Once no batch of its
+    own needs that data any more, the scheduler takes the copy back, the worker resumes, and
+    the next call of the same context runs instead of waiting for ``--paused-timeout``."""
+    import numpy as np
+
+    limit_mib, held_mib = 900, 700
+    cluster = start_cluster(pool, 1, (*DASHBOARD, "--paused-timeout", "60"), nthreads=2,
+                            worker_args=("--memory-limit", f"{limit_mib}MiB"),
+                            worker_env={"JOBSCHED_SHARED_MEMORY": "0"},  # private memory: it counts
+                            client_timeout=10, join_timeout=60)
+    big = np.ones(held_mib * 2**20 // 8)
+    with parallel_config(backend="cluster", scheduler=cluster.client, scatter=[big]):
+        assert Parallel(n_jobs=2)(delayed(np.sum)(big) for _ in range(2)) == [float(big.size)] * 2
+        wait_until(lambda: any(e["kind"] == "data-shed" for e in cluster.client.scheduler_info()["events"]), 30,
+                   "the paused worker's copy of the data was never taken back")
+        started = time.monotonic()
+        assert Parallel(n_jobs=2)(delayed(pow)(i, 2) for i in range(20)) == [i * i for i in range(20)]
+        took = time.monotonic() - started
+        # and a call that needs the data again gets it back
+        assert Parallel(n_jobs=2)(delayed(np.sum)(big) for _ in range(2)) == [float(big.size)] * 2
+    assert took < 30, f"the call after the shed took {took:.0f} s"
+    events = [e["text"] for e in cluster.client.scheduler_info()["events"] if e["kind"] == "data-shed"]
+    recovery("data-shed", took, f"next call after {held_mib} MiB of scattered data paused the worker; {events[0]}")

@@ -532,6 +532,27 @@ def test_paused_worker_is_skipped_in_favour_of_a_running_one():
     assert sim.submit(1, 2) == []
 
 
+def test_a_paused_worker_gives_back_the_data_no_batch_of_its_own_needs():
+    sim = data_cluster()
+    for key in ("X", "Y"):
+        sim.msg(1, m.DataRegister(key, 10))
+        sim.msg(2, m.NeedData(key))
+        sim.msg(1, m.DataUpload(key, frames=(b"x",)))
+        sim.msg(2, m.DataStored(key, 10))
+    assert sim.msg(1, m.SubmitBatch(1, 1, "fit", 0, payload(1), ["X"])) == [
+        Send(2, m.Execute(1, 1, "fit", payload(1), ["X"]))]
+    assert sim.msg(2, m.WorkerStatus(m.PAUSED)) == [Send(2, m.DeleteData(["Y"]))]  # X: its running batch's
+    assert sim.state.data.holders_of("Y") == {} and list(sim.state.data.holders_of("X")) == [2]
+    assert any(e["kind"] == "data-shed" and "dropped" in e["text"] for e in sim.state.events)
+    # a later batch needing Y goes to the running worker, which asks the owner again
+    assert sim.msg(1, m.SubmitBatch(1, 2, "fit", 0, payload(2), ["Y"])) == [
+        Send(3, m.Execute(2, 1, "fit", payload(2), ["Y"]))]
+    assert sim.msg(3, m.NeedData("Y")) == [Send(1, m.UploadRequest("Y"))]
+    # once its own batch is done, X goes too
+    assert sim.done(2, 1)[0] == Send(2, m.DeleteData(["X"]))
+    assert sim.state.data.held[2] == {}
+
+
 def test_retiring_is_final_and_its_exit_is_no_death():
     sim = Sim(max_deaths=1)
     sim.client(1)
