@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import pickle
@@ -22,6 +23,7 @@ from ..payload.serialize import dumps
 from .client import Client, current_client
 from .errors import NoWorkersError
 from .progress import CallProgress
+from .replay import CallReplay
 from .scatter import DEFAULT_AUTO_THRESHOLD, ByReference, dumps_batch, new_key
 
 # Parallel's own default: joblib keeps 2 batches per worker dispatched.  With a fixed
@@ -77,7 +79,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     ``auto_scatter_threshold`` (default 512 KiB, 0 disables): numpy/pandas/scipy.sparse
     arguments at least this large are scattered automatically and deduplicated across
     the batches and calls of this context.  Scattered data is freed when the context exits;
-    ``progress`` (default False): show a tqdm bar of the call's batches (``pip install tqdm``);
+    ``progress`` (default False): show a tqdm bar of the call's tasks and the cluster's running
+    and queued counts (``pip install tqdm``; a notebook widget where ipywidgets is installed);
     ``pre_dispatch`` (default ``"8 * n_jobs"``): how many batches a call with a fixed
     ``batch_size`` keeps dispatched, as joblib's ``Parallel(pre_dispatch=...)``, when the
     ``Parallel`` leaves that at joblib's default ``"2 * n_jobs"``: short batches then wait on
@@ -146,6 +149,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self.pre_dispatch = _checked_pre_dispatch(pre_dispatch)
         self._cluster_is_local: bool | None = None  # found out once per context
         self._progress: CallProgress | None = None
+        self._replay: CallReplay | None = None  # the current call's, made on the caller's thread
+        self._replay_call_id = 0
         if scatter is not None:
             self.client = self._resolve_client()
             for obj in scatter if isinstance(scatter, (list, tuple)) else [scatter]:
@@ -195,6 +200,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self._call_id = self.client.new_call_id()
         self._context = pickle.dumps(self._call_context(), protocol=5)
         self._by_reference = ByReference()
+        self._replay = CallReplay(ordered=getattr(self.parallel, "return_ordered", True))
+        self._replay_call_id = self._call_id
+        self.client.replay_call_with(self._call_id, self._replay.arrived)
         if self.progress:
             self._progress = CallProgress(self.client)
 
@@ -223,9 +231,13 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
             frames, keys=keys, call_id=self._call_id, func_name=_func_name(func), max_running=self._max_running,
             priority=self.priority,
         )
+        if self._replay is not None:
+            self._replay.submitted(future)
+            future.add_done_callback(self._replay.settled)
         if self._progress is not None:
-            self._progress.submitted()
-            future.add_done_callback(self._progress.finished)
+            n_tasks = _n_tasks(func)
+            self._progress.submitted(n_tasks)
+            future.add_done_callback(functools.partial(self._progress.finished, n_tasks))
         if callback is not None:
             future.add_done_callback(callback)
         return future
@@ -242,6 +254,11 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         # a generator dropped mid-way leaves batches behind: cancel whatever is still out
         if self.client is not None and self._call_id and not self.client.closed:
             self.client.cancel_call(self._call_id)
+        if self._replay is not None:  # what finished batches printed but an earlier one held back
+            self._replay.flush()
+            if self.client is not None:
+                self.client.replay_call_with(self._replay_call_id, None)
+            self._replay = None
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -297,6 +314,12 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
                 "start one with: jobsched-worker " + str(client.address)
             ) from None
         return client.total_slots()
+
+
+def _n_tasks(batch: Any) -> int:
+    """How many tasks a joblib batch holds (1 for a lone callable)."""
+    items = getattr(batch, "items", None)
+    return len(items) if items is not None else 1
 
 
 def _checked_pre_dispatch(value: str | int) -> str | int:

@@ -42,6 +42,7 @@ from ..runtime.daemon import new_event_loop
 from ..runtime.scheduler_file import read_scheduler_file
 from ..runtime.secret import load_credentials
 from ..runtime.tokens import token_user
+from . import html_repr
 from .errors import (
     CallCancelledError,
     CancelRefusedError,
@@ -173,6 +174,8 @@ class Client:
         self._request_ids = itertools.count(1)
         self._pending: dict[int, tuple[Future, int]] = {}  # batch_id -> (future, call_id)
         self._requests: dict[int, Future] = {}
+        # call_id -> where that call's task output goes (backend.py: the caller's cell, in order)
+        self._call_replays: dict[int, Callable[[Future, list], None]] = {}
         self._outbox: list[m.Message] = []
         self._outbox_lock = threading.Lock()
         self._wakeup_scheduled = False
@@ -379,6 +382,15 @@ class Client:
     def new_call_id(self) -> int:
         return next(self._call_ids)
 
+    def replay_call_with(self, call_id: int, replay_events: Callable[[Future, list], None] | None) -> None:
+        """Hand the output of ``call_id``'s batches to ``replay_events(future, events)``, on the
+        I/O thread before the future completes (it may raise: the batch's error); None: the default,
+        replayed at once on the I/O thread."""
+        if replay_events is None:
+            self._call_replays.pop(call_id, None)
+        else:
+            self._call_replays[call_id] = replay_events
+
     def cancel_call(self, call_id: int) -> None:
         """Drop a call's queued batches and cancel its running ones; their futures are forgotten."""
         for batch_id in [b for b, (_, c) in list(self._pending.items()) if c == call_id]:
@@ -461,14 +473,14 @@ class Client:
         try:
             if status == m.OK:
                 result, events = loads(message.frames)
-                replay(events)  # may raise: a warning the caller's filters turn into an error
+                self._replay(entry, events)  # may raise: a warning the caller's filters turn into an error
                 future.set_result(result)
                 return
             if status == m.ERROR:
                 error: BaseException = load_exception(message.frames[:1])
                 if len(message.frames) > 1:
                     with contextlib.suppress(Exception):  # the task's own error comes first
-                        replay(pickle.loads(message.frames[1]))
+                        self._replay(entry, pickle.loads(message.frames[1]))
             elif status == m.LOST:
                 error = WorkerLostError(message.error)
             elif status == m.NO_WORKERS:
@@ -480,6 +492,13 @@ class Client:
         except Exception as exc:  # noqa: BLE001 - any failure to load the result is the batch's error (e.g. its class cannot be unpickled here)
             error = exc
         future.set_exception(error)
+
+    def _replay(self, entry: tuple[Future, int], events: list) -> None:
+        replay_events = self._call_replays.get(entry[1])
+        if replay_events is None:
+            replay(events)
+        else:
+            replay_events(entry[0], events)
 
     # ------------------------------------------------------------ information
     def scheduler_info(self) -> dict:
@@ -583,7 +602,22 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<jobsched.Client {self.address} {state}>"
+        return html_repr.one_line("Client", str(self.address), None, state)
+
+    @property
+    def dashboard_link(self) -> str:
+        """The scheduler's status page, where known (an embedded cluster's, or the scheduler file's)."""
+        return self.cluster.dashboard if self.cluster is not None else ""
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: address, dashboard link, workers, slots, memory and data held."""
+        info, error = None, "closed" if self.closed else ""
+        if not self.closed:
+            try:
+                info = self.scheduler_info()
+            except Exception as exc:  # noqa: BLE001 - a repr must not raise: say what went wrong instead
+                error = str(exc) or type(exc).__name__
+        return html_repr.html("Client", str(self.address), self.dashboard_link, info, error)
 
 
 def _unlink_written(writing: Future) -> None:

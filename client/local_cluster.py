@@ -130,6 +130,17 @@ class LocalCluster:
     def __repr__(self) -> str:
         return f"LocalCluster({self.address!r}, workers={self.n_workers}, threads_per_worker={self.threads_per_worker})"
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: address, dashboard link, workers and slots (as started; a Client shows live counts)."""
+        from .html_repr import html
+
+        workers = {
+            f"local-{i}": {"name": f"local-{os.getpid()}-{i}", "address": "", "nthreads": self.threads_per_worker}
+            for i in range(self.n_workers if self.processes else 0)
+        }
+        return html("LocalCluster", self.address, self.dashboard, {"workers": workers},
+                    "" if self.processes else "closed")
+
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     if proc.poll() is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import cloudpickle
 
 from ..payload.serialize import call_by_name, out_of_band_collector
+from .code_pickle import DISPATCH_TABLE as CODE_KEEPING_FILENAME
 
 # The workers' resolver, named rather than imported: the client imports no worker code.
 RESOLVER = ("jobsched.worker.store", "resolve_scattered")
@@ -100,7 +101,9 @@ class ByReference:
 
 
 class BatchPickler(cloudpickle.CloudPickler):
-    """cloudpickle, plus scattered objects replaced by their keys."""
+    """cloudpickle, plus scattered objects replaced by their keys; code keeps its file name."""
+
+    dispatch_table = CODE_KEEPING_FILENAME
 
     def __init__(self, file, refs: dict[int, tuple[str, Any]], auto_threshold: int,
                  register: Callable[[Any, int], str], buffer_callback, by_reference: dict[int, Any]) -> None:

@@ -73,13 +73,13 @@ def test_status_command_without_a_scheduler_fails_in_one_line(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_progress_bar_counts_the_calls_batches(cluster: RunningCluster, capsys):
+def test_progress_bar_counts_the_calls_tasks(cluster: RunningCluster, capsys):
     pytest.importorskip("tqdm")
     with parallel_config(backend="cluster", scheduler=cluster.client, progress=True):
         result = Parallel(n_jobs=-1, batch_size=1)(delayed(square)(i) for i in range(40))
     assert result == [i * i for i in range(40)]
     err = capsys.readouterr().err
-    assert "jobsched" in err and "40/40" in err and "batch" in err
+    assert "jobsched" in err and "40/40" in err and "task" in err
     with parallel_config(backend="cluster", scheduler=cluster.client):  # off by default
         Parallel(n_jobs=-1, batch_size=1)(delayed(square)(i) for i in range(40))
     assert "jobsched" not in capsys.readouterr().err
