@@ -34,14 +34,13 @@ def summary(info: dict[str, Any]) -> dict[str, Any]:
 
 def one_line(kind: str, address: str, info: dict[str, Any] | None, state: str = "") -> str:
     """``<jobsched.Client tcp://...: 2 workers, 2 slots, open>``."""
-    parts = [f"<jobsched.{kind} {address}"]
     details = []
     if info is not None:
         s = summary(info)
         details += [f"{s['workers']} workers", f"{s['slots']} slots"]
     if state:
         details.append(state)
-    return parts[0] + (": " + ", ".join(details) if details else "") + ">"
+    return f"<jobsched.{kind} {address}" + (": " + ", ".join(details) if details else "") + ">"
 
 
 def html(kind: str, address: str, dashboard: str, info: dict[str, Any] | None, error: str = "") -> str:

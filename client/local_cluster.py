@@ -51,6 +51,9 @@ class LocalCluster:
         self.processes: list[subprocess.Popen] = []
         self.address = ""
         self.dashboard = ""  # http://127.0.0.1:PORT of the scheduler's status page
+        # the worker supervisor's --name; its processes are named as worker/cli.py does (NAME-i
+        # with more than one), which _repr_html_ shows
+        self._worker_name = f"local-{os.getpid()}"
         try:
             self._start(startup_timeout)
         except BaseException:
@@ -91,7 +94,7 @@ class LocalCluster:
             # their BLAS/OpenMP threads so that workers x threads <= cores
             self._spawn(
                 "jobsched.worker", "--scheduler-file", path, "--nworkers", str(self.n_workers),
-                "--nthreads", str(self.threads_per_worker), "--name", f"local-{os.getpid()}",
+                "--nthreads", str(self.threads_per_worker), "--name", self._worker_name,
                 "--death-timeout", "10", "--drain-timeout", "5",
             )
         deadline = time.monotonic() + timeout
@@ -134,10 +137,9 @@ class LocalCluster:
         """Jupyter's view: address, dashboard link, workers and slots (as started; a Client shows live counts)."""
         from .html_repr import html
 
-        workers = {
-            f"local-{i}": {"name": f"local-{os.getpid()}-{i}", "address": "", "nthreads": self.threads_per_worker}
-            for i in range(self.n_workers if self.processes else 0)
-        }
+        names = [self._worker_name] if self.n_workers == 1 else [f"{self._worker_name}-{i}" for i in range(self.n_workers)]
+        workers = {name: {"name": name, "address": "", "nthreads": self.threads_per_worker}
+                   for name in (names if self.processes else [])}
         return html("LocalCluster", self.address, self.dashboard, {"workers": workers},
                     "" if self.processes else "closed")
 

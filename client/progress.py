@@ -38,8 +38,8 @@ def _has_widgets() -> bool:
     return True
 
 
-def _bar_class() -> Any:
-    if bar_kind(in_jupyter_kernel(), in_jupyter_kernel() and _has_widgets()) == "notebook":
+def _bar_class(kind: str) -> Any:
+    if kind == "notebook":
         from tqdm.notebook import tqdm as notebook_tqdm
 
         return notebook_tqdm
@@ -60,11 +60,11 @@ class CallProgress:
     """Counts the call's tasks; a background thread draws them with the cluster's counts."""
 
     def __init__(self, client: Any, description: str = "jobsched") -> None:
-        bar_class = _bar_class()
-        kind = "text" if bar_class.__module__ == "tqdm.std" else "notebook"
+        in_kernel = in_jupyter_kernel()
+        kind = bar_kind(in_kernel, in_kernel and _has_widgets())  # ipywidgets is imported only in a kernel
         terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
         self.client = client
-        self.bar = bar_class(total=0, desc=description, **bar_options(kind, terminal))  # shown in the caller's cell
+        self.bar = _bar_class(kind)(total=0, desc=description, **bar_options(kind, terminal))  # shown in the caller's cell
         self._lock = threading.Lock()
         self._total = 0
         self._done = 0
